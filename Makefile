@@ -1,0 +1,43 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both depend on `make setup`, which creates .venv and installs the project into it.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   ?= out/demo
+
+.PHONY: setup system-deps demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+# curl: webdataset streams http(s):// shards through the curl command.
+system-deps:
+	@command -v curl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; \
+	  else echo "please install curl (used to stream http(s) shards)" >&2; exit 1; fi; }
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m shards.demo --out $(DEMO)
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python bench/data_pipeline.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,1 @@
+"""Shard format (manifest), shard reading and the training/evaluation input pipeline."""

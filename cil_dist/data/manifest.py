@@ -1,0 +1,184 @@
+"""``manifest.json``: what a shard folder holds, written by the packer, read by the trainer.
+
+Layout (``version`` 1)::
+
+    {"format": "cil-dist-shards", "version": 1,
+     "resolution": [1024, 512], "image_format": "png", "source": "/data/cityscapes",
+     "created": "...", "tool": "cil-dist 0.1.0",
+     "task_config": {...the task protocol the shards were made for...},
+     "splits": {"task1": {"split": "train", "cities": [...],
+                           "shards": [{"file": "task1/task1-000000.tar", "samples": 32,
+                                       "bytes": 123, "sha256": "...", "recipe": "..."}],
+                           "samples": 32, "bytes": 123}, ...},
+     "totals": {"shards": 7, "samples": 224, "bytes": 123456}}
+
+Shard ``file`` entries are relative to the manifest's folder, so a shard folder can be moved
+or uploaded as a whole.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cil_dist import __version__, storage
+
+FORMAT = "cil-dist-shards"
+VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A manifest is unreadable or inconsistent; the message names the manifest and key."""
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    file: str
+    samples: int
+    bytes: int
+    sha256: str
+    recipe: str = ""  # digest of what went into the shard; lets a re-pack skip it
+
+
+@dataclass
+class SplitRecord:
+    split: str
+    cities: list[str]
+    shards: list[ShardRecord] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A shard ready to read: absolute URL plus what the manifest promises about it."""
+
+    url: str
+    samples: int
+    sha256: str | None = None
+    bytes: int | None = None
+
+
+@dataclass
+class Manifest:
+    resolution: tuple[int, int]
+    image_format: str
+    source: str
+    task_config: dict[str, Any]
+    splits: dict[str, SplitRecord] = field(default_factory=dict)
+    created: str = ""
+    tool: str = f"cil-dist {__version__}"
+    url: str = ""  # where it was loaded from (not stored)
+
+    # ----------------------------------------------------------------- io
+    def to_dict(self) -> dict[str, Any]:
+        splits = {
+            name: {
+                "split": rec.split,
+                "cities": list(rec.cities),
+                "shards": [asdict(s) for s in rec.shards],
+                "samples": rec.samples,
+                "bytes": rec.bytes,
+            }
+            for name, rec in self.splits.items()
+        }
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "resolution": list(self.resolution),
+            "image_format": self.image_format,
+            "source": self.source,
+            "created": self.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "tool": self.tool,
+            "task_config": self.task_config,
+            "splits": splits,
+            "totals": {
+                "shards": sum(len(r.shards) for r in self.splits.values()),
+                "samples": sum(r.samples for r in self.splits.values()),
+                "bytes": sum(r.bytes for r in self.splits.values()),
+            },
+        }
+
+    def save(self, url: str) -> None:
+        """Write atomically (local) or as one object (object storage)."""
+        payload = json.dumps(self.to_dict(), indent=1).encode()
+        with storage.open_for_write(url) as stream:
+            stream.write(payload)
+
+    @classmethod
+    def load(cls, url: str) -> Manifest:
+        """Read and validate a manifest from a path or URL."""
+        try:
+            raw = json.loads(storage.read_bytes(url))
+        except FileNotFoundError:
+            raise ManifestError(f"{url}: manifest not found") from None
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{url}: cannot read manifest: {exc}") from exc
+        return cls.from_dict(raw, url)
+
+    @classmethod
+    def from_dict(cls, raw: Any, url: str = "<dict>") -> Manifest:
+        def need(mapping: dict, key: str, where: str) -> Any:
+            if not isinstance(mapping, dict) or key not in mapping:
+                raise ManifestError(f"{url}: missing key {where}{key!r}")
+            return mapping[key]
+
+        if need(raw, "format", "") != FORMAT:
+            raise ManifestError(f"{url}: 'format' is {raw.get('format')!r}, expected {FORMAT!r}")
+        if need(raw, "version", "") != VERSION:
+            raise ManifestError(f"{url}: unsupported manifest version {raw['version']!r}")
+        splits = {}
+        for name, rec in need(raw, "splits", "").items():
+            shards = []
+            for i, s in enumerate(need(rec, "shards", f"splits.{name}.")):
+                where = f"splits.{name}.shards[{i}]."
+                shards.append(
+                    ShardRecord(
+                        file=str(need(s, "file", where)),
+                        samples=int(need(s, "samples", where)),
+                        bytes=int(need(s, "bytes", where)),
+                        sha256=str(need(s, "sha256", where)),
+                        recipe=str(s.get("recipe", "")),
+                    )
+                )
+            splits[name] = SplitRecord(str(rec.get("split", "train")), list(rec.get("cities", [])), shards)
+        width, height = need(raw, "resolution", "")
+        return cls(
+            resolution=(int(width), int(height)),
+            image_format=str(need(raw, "image_format", "")),
+            source=str(raw.get("source", "")),
+            task_config=dict(raw.get("task_config") or {}),
+            splits=splits,
+            created=str(raw.get("created", "")),
+            tool=str(raw.get("tool", "")),
+            url=url,
+        )
+
+    # ----------------------------------------------------------------- queries
+    def shard_refs(self, split_names: list[str] | tuple[str, ...] | str) -> list[ShardRef]:
+        """Absolute shard references of one or more splits (e.g. ``["task1", "task2"]``)."""
+        names = [split_names] if isinstance(split_names, str) else list(split_names)
+        missing = [n for n in names if n not in self.splits]
+        if missing:
+            raise ManifestError(
+                f"{self.url or 'manifest'}: no split(s) {missing}; it has {sorted(self.splits)}"
+            )
+        base = storage.parent(self.url) if self.url else ""
+        refs = []
+        for name in names:
+            for shard in self.splits[name].shards:
+                refs.append(
+                    ShardRef(storage.join(base, shard.file), shard.samples, shard.sha256, shard.bytes)
+                )
+        return refs
+
+    def samples(self, split_names: list[str] | tuple[str, ...] | str) -> int:
+        return sum(ref.samples for ref in self.shard_refs(split_names))

@@ -1,0 +1,49 @@
+"""The one place that decides rank, world, device and backend.
+
+``DistEnv.from_environment()`` reads torchrun's variables (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``) or SLURM's (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``) and picks
+``nccl`` + ``cuda:LOCAL_RANK`` where CUDA exists, ``gloo`` + CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job: immutable, passed to everything that needs it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    backend: str = "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_environment(cls, env: dict[str, str] | None = None, use_cuda: bool | None = None):
+        """Resolve the record from the environment (torchrun first, then SLURM)."""
+        env = dict(os.environ if env is None else env)
+        if "RANK" in env and "WORLD_SIZE" in env:
+            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+            local = int(env.get("LOCAL_RANK", rank))
+        elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+            local = int(env.get("SLURM_LOCALID", 0))
+        else:
+            rank, world, local = 0, 1, 0
+        cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+        if cuda:
+            return cls(rank, world, local, f"cuda:{local}", "nccl")
+        return cls(rank, world, local, "cpu", "gloo")
