@@ -21,7 +21,9 @@ def by_name(name: str) -> Label:
         return name2label[name]
     except KeyError:
         known = ", ".join(sorted(label.name for label in labels if label.trainId not in (-1, 255)))
-        raise KeyError(f"unknown Cityscapes class {name!r}; evaluated classes are: {known}") from None
+        raise KeyError(
+            f"unknown Cityscapes class {name!r}; evaluated classes are: {known}"
+        ) from None
 
 
 def by_id(label_id: int) -> Label:

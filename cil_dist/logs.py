@@ -10,7 +10,9 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     """Configure the root logger once per process."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        logging.Formatter(
+            f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

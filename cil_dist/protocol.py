@@ -115,14 +115,17 @@ class TaskProtocol:
             if not members or any(m not in ids for m in members):
                 raise fail(f"eval_task_sets.{set_name}", f"unknown task id in {list(members)}")
             sets[str(set_name)] = members
-        return cls(str(data.get("name", Path(source).stem)), tuple(tasks), heldout, val, sets, source)
+        return cls(
+            str(data.get("name", Path(source).stem)), tuple(tasks), heldout, val, sets, source
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML mapping of this protocol (stored in manifests and checkpoints)."""
         return {
             "name": self.name,
             "tasks": [
-                {"id": t.id, "classes": list(t.classes), "cities": list(t.cities)} for t in self.tasks
+                {"id": t.id, "classes": list(t.classes), "cities": list(t.cities)}
+                for t in self.tasks
             ],
             "heldout": {"split": self.heldout.split, "cities": list(self.heldout.cities)},
             "val": {"split": self.val.split, "cities": list(self.val.cities)},

@@ -84,8 +84,7 @@ def read_bytes(url: str) -> bytes:
 def sha256_of(url: str) -> tuple[str, int]:
     """SHA-256 hex digest and size in bytes of a file or object."""
     digest, size = hashlib.sha256(), 0
-    opener = open(local_path(url), "rb") if is_local(url) else fsspec.open(url, "rb").open()
-    with opener as stream:
+    with fsspec.open(url, "rb") as stream:
         while chunk := stream.read(HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)

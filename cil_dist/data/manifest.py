@@ -149,7 +149,9 @@ class Manifest:
                         recipe=str(s.get("recipe", "")),
                     )
                 )
-            splits[name] = SplitRecord(str(rec.get("split", "train")), list(rec.get("cities", [])), shards)
+            splits[name] = SplitRecord(
+                str(rec.get("split", "train")), list(rec.get("cities", [])), shards
+            )
         width, height = need(raw, "resolution", "")
         return cls(
             resolution=(int(width), int(height)),
@@ -176,7 +178,9 @@ class Manifest:
         for name in names:
             for shard in self.splits[name].shards:
                 refs.append(
-                    ShardRef(storage.join(base, shard.file), shard.samples, shard.sha256, shard.bytes)
+                    ShardRef(
+                        storage.join(base, shard.file), shard.samples, shard.sha256, shard.bytes
+                    )
                 )
         return refs
 

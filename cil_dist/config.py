@@ -1,0 +1,80 @@
+"""Typed configuration, one dataclass per area, merged from YAML and ``key=value`` overrides.
+
+OmegaConf does the merging and type checking: an unknown key or a value of the wrong type is
+rejected with the full dotted key in the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config is invalid; the message names the file and the key at fault."""
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation of SEED_FACTS (flip, down-rescale, crop, colour jitter)."""
+
+    flip: bool = True
+    scale_min: float = 1.0  # random down-rescale factor range: size / U[scale_min, scale_max]
+    scale_max: float = 1.5
+    crop: list[int] = field(default_factory=lambda: [640, 192])  # width, height
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they become batches."""
+
+    manifest: str = ""  # path or URL of manifest.json (preferred: sample counts and checksums)
+    shards: list[str] = field(default_factory=list)  # or shard URLs / brace patterns
+    samples_per_epoch: int = 0  # required with `shards` in training mode (no manifest counts)
+    resize: list[int] = field(default_factory=lambda: [1024, 512])  # width, height fed to model
+    batch_size: int = 6  # per rank
+    eval_batch_size: int = 4
+    num_workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 64  # samples (undecoded) per worker
+    verify_checksums: bool = True  # check each shard's sha256/size/count as it streams
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        def pair(name: str, value: list[Any]) -> None:
+            if len(value) != 2 or min(value) <= 0:
+                raise ConfigError(f"data.{name}: expected [width, height] > 0, got {list(value)}")
+
+        pair("resize", self.resize)
+        pair("augment.crop", self.augment.crop)
+        if not self.manifest and not self.shards:
+            raise ConfigError("data.manifest or data.shards: one of them must be set")
+        if not 1.0 <= self.augment.scale_min <= self.augment.scale_max:
+            raise ConfigError(
+                f"data.augment.scale_min/scale_max: need 1 <= min <= max, got "
+                f"{self.augment.scale_min}, {self.augment.scale_max}"
+            )
+        if self.batch_size < 1 or self.eval_batch_size < 1 or self.num_workers < 0:
+            raise ConfigError("data.batch_size/eval_batch_size must be >= 1, num_workers >= 0")
+
+
+def merge(schema: type, *sources: Any, overrides: list[str] | None = None, where: str = "config"):
+    """Merge YAML files / dicts onto the dataclass ``schema``; apply ``key=value`` overrides."""
+    try:
+        merged = OmegaConf.structured(schema)
+        for source in sources:
+            loaded = OmegaConf.load(source) if isinstance(source, str) else OmegaConf.create(source)
+            merged = OmegaConf.merge(merged, loaded)
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}: {exc}") from exc

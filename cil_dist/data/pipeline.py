@@ -1,0 +1,243 @@
+"""The streaming input pipeline: shards → samples → augmented batches, on every rank.
+
+The recipe (it avoids webdataset's known multi-rank traps by construction):
+
+1. The shard list comes from a manifest (with sample counts and checksums) or from URLs.
+2. Every epoch the list is permuted with a seed shared by all ranks, *then* split into
+   ``world_size × num_workers`` disjoint slots (:mod:`cil_dist.data.shardlist`); a slot never
+   comes up empty, because fewer shards than slots are shared sample-wise.
+3. Each slot streams its shards (:mod:`cil_dist.data.reading`, checksums verified), shuffles
+   undecoded samples in a buffer, decodes, applies the stage's look-up table and augments with
+   an RNG seeded by ``(seed, epoch, rank, worker)``, and batches inside the worker.
+4. **Training** produces exactly ``samples // (world_size × batch_size)`` batches on every
+   rank: each worker cycles over its (re-permuted) share until it has produced its quota, and
+   the quotas of a rank's workers add up to that number — so no rank runs out early and DDP
+   never hangs at an epoch's end. **Evaluation** reads every sample exactly once across all
+   ranks and workers (last batches may be partial).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle as shuffle_filter
+
+from cil_dist.config import ConfigError, DataConfig
+from cil_dist.data.manifest import Manifest, ShardRef
+from cil_dist.data.reading import iter_slice
+from cil_dist.data.shardlist import assign, derive_seed, epoch_order, slot_of, worker_quota
+from cil_dist.data.transforms import SegmentationTransform
+from cil_dist.distributed import DistEnv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """The shards a loader reads, with their sample counts when known."""
+
+    refs: tuple[ShardRef, ...]
+    description: str
+
+    @classmethod
+    def from_manifest(cls, url: str, splits: list[str] | tuple[str, ...] | str) -> ShardSource:
+        manifest = Manifest.load(url)
+        names = [splits] if isinstance(splits, str) else list(splits)
+        return cls(tuple(manifest.shard_refs(names)), f"{url} [{'+'.join(names)}]")
+
+    @classmethod
+    def from_urls(cls, patterns: list[str] | str) -> ShardSource:
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        urls = [url for pattern in patterns for url in braceexpand(pattern)]
+        if not urls:
+            raise ConfigError("data.shards: no shard URLs given")
+        return cls(tuple(ShardRef(url, None) for url in urls), f"{len(urls)} shard URLs")
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, splits: list[str] | tuple[str, ...] | str):
+        if cfg.manifest:
+            return cls.from_manifest(cfg.manifest, splits)
+        return cls.from_urls(cfg.shards)
+
+    @property
+    def samples(self) -> int | None:
+        """Total samples, or None when a shard's count is unknown (URLs without manifest)."""
+        counts = [ref.samples for ref in self.refs]
+        return None if any(c is None for c in counts) else sum(counts)
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> dict[str, Any]:
+    images, targets, keys = zip(*items, strict=True)
+    return {"image": torch.stack(images), "label": torch.stack(targets), "key": list(keys)}
+
+
+class ShardStream(IterableDataset):
+    """Batches of one rank; see the module docstring for the recipe."""
+
+    def __init__(
+        self,
+        source: ShardSource,
+        transform: SegmentationTransform,
+        env: DistEnv,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int,
+        num_workers: int,
+        batches_per_epoch: int = 0,
+        shuffle_buffer: int = 0,
+        verify: bool = True,
+    ):
+        super().__init__()
+        self.source, self.transform, self.env = source, transform, env
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
+        self.shuffle_buffer, self.verify = shuffle_buffer, verify
+        self.epoch = 0
+
+    def _slot(self) -> tuple[int, int, int]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        slot, slots = slot_of(self.env.rank, self.env.world_size, worker, self.num_workers)
+        return worker, slot, slots
+
+    def _train_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+        refs = list(self.source.refs)
+        for cycle in itertools.count():
+            produced = 0
+            for piece in assign(epoch_order(refs, self.seed, self.epoch, cycle), slots, slot):
+                for sample in iter_slice(piece, self.verify):
+                    produced += 1
+                    yield sample
+            if produced == 0:
+                raise RuntimeError(f"{self.source.description}: slot {slot} found no samples")
+
+    def _eval_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+        for piece in assign(list(self.source.refs), slots, slot):
+            yield from iter_slice(piece, self.verify)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, slot, slots = self._slot()
+        rng = np.random.default_rng(
+            derive_seed("augment", self.seed, self.epoch, self.env.rank, worker)
+        )
+        if self.train:
+            samples = self._train_samples(slot, slots)
+            if self.shuffle_buffer > 1:
+                order_rng = random.Random(
+                    derive_seed("shuffle", self.seed, self.epoch, self.env.rank, worker)
+                )
+                samples = shuffle_filter(
+                    self.shuffle_buffer, initial=self.shuffle_buffer, rng=order_rng
+                )(samples)
+            quota = worker_quota(self.batches_per_epoch, worker, self.num_workers)
+        else:
+            samples, quota = self._eval_samples(slot, slots), None
+        items = (self.transform(sample, rng) for sample in samples)
+        batches = _batches(items, self.batch_size, partial=not self.train)
+        yield from itertools.islice(batches, quota)
+
+
+def _batches(items: Iterator, size: int, partial: bool) -> Iterator[dict[str, Any]]:
+    while chunk := list(itertools.islice(items, size)):
+        if len(chunk) < size and not partial:
+            return
+        yield collate(chunk)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+class EpochLoader:
+    """A DataLoader over a :class:`ShardStream` with ``set_epoch`` and a known length."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False):
+        self.stream = stream
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            worker_init_fn=_worker_init if num_workers else None,
+            persistent_workers=False,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shard permutation and augmentation seeds (call before iterating)."""
+        self.stream.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        if self.stream.train:
+            return self.stream.batches_per_epoch
+        raise TypeError("an evaluation loader's length depends on the shards; iterate it")
+
+
+def build_train_loader(
+    cfg: DataConfig, source: ShardSource, lut: np.ndarray, env: DistEnv, seed: int
+) -> EpochLoader:
+    """Training batches: ``{"image", "label" (channels or 255), "key"}``, equal count per rank."""
+    total = source.samples if source.samples is not None else cfg.samples_per_epoch
+    if not total:
+        raise ConfigError(
+            "data.samples_per_epoch: required when training from shard URLs without a manifest"
+        )
+    batches = total // (env.world_size * cfg.batch_size)
+    if batches < 1:
+        raise ConfigError(
+            f"data.batch_size: {source.description} holds {total} samples, fewer than "
+            f"world_size × batch_size = {env.world_size} × {cfg.batch_size}"
+        )
+    transform = SegmentationTransform(
+        tuple(cfg.resize), tuple(cfg.mean), tuple(cfg.std), lut=lut, augment=cfg.augment
+    )
+    stream = ShardStream(
+        source,
+        transform,
+        env,
+        cfg.batch_size,
+        train=True,
+        seed=seed,
+        num_workers=cfg.num_workers,
+        batches_per_epoch=batches,
+        shuffle_buffer=cfg.shuffle_buffer,
+        verify=cfg.verify_checksums,
+    )
+    log.info(
+        "training data %s: %d samples, %d batches of %d per rank per epoch",
+        source.description,
+        total,
+        batches,
+        cfg.batch_size,
+    )
+    return EpochLoader(stream, cfg.num_workers, pin_memory=env.device.startswith("cuda"))
+
+
+def build_eval_loader(
+    cfg: DataConfig, source: ShardSource, env: DistEnv, lut: np.ndarray | None = None
+) -> EpochLoader:
+    """Evaluation batches (every sample once across ranks); raw label ids unless ``lut``."""
+    transform = SegmentationTransform(tuple(cfg.resize), tuple(cfg.mean), tuple(cfg.std), lut=lut)
+    stream = ShardStream(
+        source,
+        transform,
+        env,
+        cfg.eval_batch_size,
+        train=False,
+        seed=0,
+        num_workers=cfg.num_workers,
+        verify=cfg.verify_checksums,
+    )
+    return EpochLoader(stream, cfg.num_workers, pin_memory=env.device.startswith("cuda"))

@@ -1,0 +1,168 @@
+"""Decoding a shard sample and turning it into model input, exactly as SEED_FACTS prescribes.
+
+Training: resize to ``resize`` (bilinear image, nearest label) → random horizontal flip →
+random down-rescale by a factor drawn from U[scale_min, scale_max] → random crop (padding the
+label with 255 if the image is smaller) → colour jitter (brightness, contrast, saturation, hue
+in random order) → tensor → ImageNet normalisation. Evaluation: resize the image to ``resize``;
+the label stays at its stored resolution (predictions are compared at label resolution).
+The task's look-up table maps raw Cityscapes label ids to channels (or 255) while decoding.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from cil_dist import labels
+from cil_dist.config import AugmentConfig
+
+IMAGE_MEMBERS = ("image.png", "image.jpg", "image.jpeg")
+LABEL_MEMBER = "label.png"
+IGNORE = 255
+
+
+class SampleError(ValueError):
+    """A sample in a shard is malformed; names the shard URL and the sample key."""
+
+
+def _where(sample: dict[str, Any]) -> str:
+    return f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')!r}"
+
+
+def decode_image(sample: dict[str, Any]) -> Image.Image:
+    """The sample's RGB image (PNG or JPEG member)."""
+    for name in IMAGE_MEMBERS:
+        if name in sample:
+            try:
+                image = Image.open(io.BytesIO(sample[name]))
+                image.load()
+            except Exception as exc:
+                raise SampleError(f"{_where(sample)}: cannot decode {name}: {exc}") from exc
+            return image.convert("RGB") if image.mode != "RGB" else image
+    raise SampleError(f"{_where(sample)}: no image member (have {sorted(sample)})")
+
+
+def decode_label(sample: dict[str, Any]) -> np.ndarray:
+    """The sample's raw Cityscapes label ids as a uint8 (H, W) array, validated."""
+    if LABEL_MEMBER not in sample:
+        raise SampleError(f"{_where(sample)}: no {LABEL_MEMBER} member (have {sorted(sample)})")
+    try:
+        image = Image.open(io.BytesIO(sample[LABEL_MEMBER]))
+        ids = np.asarray(image)
+    except Exception as exc:
+        raise SampleError(f"{_where(sample)}: cannot decode {LABEL_MEMBER}: {exc}") from exc
+    if ids.ndim != 2:
+        raise SampleError(f"{_where(sample)}: label must be single-channel, got mode {image.mode}")
+    if ids.dtype != np.uint8:
+        if ids.min() < 0 or ids.max() > 255:
+            raise SampleError(f"{_where(sample)}: label values outside 0..255")
+        ids = ids.astype(np.uint8)
+    valid = labels.valid_label_ids()
+    if not valid[ids].all():
+        bad = sorted(int(v) for v in np.unique(ids[~valid[ids]]))
+        raise SampleError(f"{_where(sample)}: label ids {bad} are not Cityscapes label ids")
+    return ids
+
+
+def _resize(image: Image.Image, label: np.ndarray, size: tuple[int, int]):
+    if image.size != size:
+        image = image.resize(size, Image.BILINEAR)
+    if label.shape[::-1] != size:
+        label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    return image, label
+
+
+def _shift_hue(image: Image.Image, factor: float) -> Image.Image:
+    hsv = np.array(image.convert("HSV"))
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(factor * 255)) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+def color_jitter(image: Image.Image, cfg: AugmentConfig, rng: np.random.Generator) -> Image.Image:
+    """Brightness, contrast, saturation and hue jitter, applied in a random order."""
+    ops = []
+    if cfg.brightness:
+        f = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+        ops.append(lambda im, f=f: ImageEnhance.Brightness(im).enhance(f))
+    if cfg.contrast:
+        f = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
+        ops.append(lambda im, f=f: ImageEnhance.Contrast(im).enhance(f))
+    if cfg.saturation:
+        f = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
+        ops.append(lambda im, f=f: ImageEnhance.Color(im).enhance(f))
+    if cfg.hue:
+        f = rng.uniform(-cfg.hue, cfg.hue)
+        ops.append(lambda im, f=f: _shift_hue(im, f))
+    for index in rng.permutation(len(ops)):
+        image = ops[index](image)
+    return image
+
+
+def random_crop(image: Image.Image, label: np.ndarray, crop: tuple[int, int], rng):
+    """A random ``crop`` (w, h) window; pads (image 0, label 255) where the input is smaller."""
+    cw, ch = crop
+    w, h = image.size
+    if w < cw or h < ch:
+        padded = Image.new("RGB", (max(w, cw), max(h, ch)))
+        padded.paste(image)
+        padded_label = np.full((max(h, ch), max(w, cw)), IGNORE, dtype=np.uint8)
+        padded_label[:h, :w] = label
+        image, label, (w, h) = padded, padded_label, padded.size
+    x = int(rng.integers(0, w - cw + 1))
+    y = int(rng.integers(0, h - ch + 1))
+    return image.crop((x, y, x + cw, y + ch)), label[y : y + ch, x : x + cw]
+
+
+@dataclass
+class SegmentationTransform:
+    """Raw shard sample → ``(image tensor (3,H,W) float, label tensor (H,W) long, key)``."""
+
+    resize: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    lut: np.ndarray | None = None  # labelId -> target; None keeps raw label ids
+    augment: AugmentConfig | None = None  # None: evaluation (no augmentation)
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator):
+        image, label = decode_image(sample), decode_label(sample)
+        if image.size != label.shape[::-1]:
+            raise SampleError(
+                f"{_where(sample)}: image is {image.size[0]}x{image.size[1]}, "
+                f"label {label.shape[1]}x{label.shape[0]}"
+            )
+        image, label = self.apply(image, label, rng)
+        return image, label, sample["__key__"]
+
+    def apply(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
+        """Look-up table, resize/augmentation and normalisation of a decoded pair."""
+        if self.lut is not None:
+            label = self.lut[label]
+        if self.augment is None:
+            if image.size != self.resize:
+                image = image.resize(self.resize, Image.BILINEAR)
+        else:
+            image, label = self._augment(image, label, rng)
+        return self._to_tensor(image), torch.from_numpy(label.astype(np.int64))
+
+    def _augment(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
+        cfg = self.augment
+        image, label = _resize(image, label, self.resize)
+        if cfg.flip and rng.random() < 0.5:
+            image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label[:, ::-1]
+        factor = rng.uniform(cfg.scale_min, cfg.scale_max)
+        if factor != 1.0:
+            w, h = image.size
+            image, label = _resize(image, label, (round(w / factor), round(h / factor)))
+        image, label = random_crop(image, label, tuple(cfg.crop), rng)
+        return color_jitter(image, cfg, rng), label
+
+    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
+        array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (array - mean) / std

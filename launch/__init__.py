@@ -1,0 +1,1 @@
+"""SLURM/local stage chains with submitit (see the chains issue)."""

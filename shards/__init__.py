@@ -1,0 +1,1 @@
+"""Writer side: synthetic Cityscapes generator, shard packer and shard checks."""

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny synthetic Cityscapes tree and its shards, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cil_dist.protocol import TaskProtocol
+
+TINY_SIZE = (128, 64)
+
+
+@pytest.fixture(scope="session")
+def paper_protocol() -> TaskProtocol:
+    return TaskProtocol.load("cityscapes_cil")
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory, paper_protocol) -> Path:
+    """2 frames per city of the paper protocol at 128x64 (34 train, 2 held-out, 6 val)."""
+    from shards.synth import generate
+
+    root = tmp_path_factory.mktemp("cityscapes")
+    generate(root, paper_protocol, images_per_city=2, size=TINY_SIZE, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory, synth_root, paper_protocol) -> Path:
+    """Shards of 3 samples (uneven: task1 has 8 samples in shards of 3, 3, 2)."""
+    from shards.pack import pack
+
+    out = tmp_path_factory.mktemp("shards")
+    pack(synth_root, str(out), paper_protocol, size=TINY_SIZE, samples_per_shard=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def manifest_path(shard_dir) -> str:
+    return str(shard_dir / "manifest.json")

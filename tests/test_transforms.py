@@ -1,0 +1,93 @@
+"""Decoding and augmentation of one sample."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cil_dist.config import AugmentConfig
+from cil_dist.data.transforms import SampleError, SegmentationTransform
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def two_halves(width: int = 128, height: int = 64) -> dict:
+    """Left half red with label 7 (road), right half blue with label 26 (car)."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, : width // 2] = (255, 0, 0)
+    image[:, width // 2 :] = (0, 0, 255)
+    label = np.full((height, width), 26, np.uint8)
+    label[:, : width // 2] = 7
+    return {
+        "__key__": "aachen_000000_000019",
+        "__url__": "mem.tar",
+        "image.png": png(image),
+        "label.png": png(label),
+    }
+
+
+def test_geometry_moves_image_and_label_together():
+    lut = np.full(256, 255, np.uint8)
+    lut[7], lut[26] = 0, 13
+    no_jitter = AugmentConfig(crop=[48, 24], brightness=0, contrast=0, saturation=0, hue=0)
+    transform = SegmentationTransform((128, 64), MEAN, STD, lut=lut, augment=no_jitter)
+    for seed in range(20):
+        image, label, key = transform(two_halves(), np.random.default_rng(seed))
+        assert key == "aachen_000000_000019"
+        assert image.shape == (3, 24, 48) and label.shape == (24, 48)
+        red = image[0] > image[2]  # channel 0 dominates where the scene is red
+        road = label == 0
+        assert set(label.unique().tolist()) <= {0, 13}
+        assert (red == road).float().mean() > 0.9
+
+
+def test_crop_larger_than_image_pads_label_with_ignore():
+    transform = SegmentationTransform(
+        (32, 16), MEAN, STD, augment=AugmentConfig(crop=[40, 20], scale_min=1.0, scale_max=1.0)
+    )
+    _, label, _ = transform(two_halves(), np.random.default_rng(0))
+    assert label.shape == (20, 40)
+    assert (label == 255).sum() == 40 * 20 - 32 * 16
+
+
+def test_color_jitter_is_seeded():
+    transform = SegmentationTransform((128, 64), MEAN, STD, augment=AugmentConfig(crop=[64, 32]))
+    a = transform(two_halves(), np.random.default_rng(5))[0]
+    b = transform(two_halves(), np.random.default_rng(5))[0]
+    c = transform(two_halves(), np.random.default_rng(6))[0]
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_evaluation_resizes_image_keeps_raw_labels():
+    transform = SegmentationTransform((64, 32), MEAN, STD)
+    image, label, _ = transform(two_halves(), np.random.default_rng(0))
+    assert image.shape == (3, 32, 64)
+    assert label.shape == (64, 128)
+    assert set(label.unique().tolist()) == {7, 26}
+
+
+def test_invalid_label_ids_are_named():
+    sample = two_halves()
+    label = np.full((64, 128), 200, np.uint8)
+    sample["label.png"] = png(label)
+    with pytest.raises(SampleError, match=r"mem\.tar.*aachen_000000_000019.*\[200\]"):
+        SegmentationTransform((128, 64), MEAN, STD)(sample, np.random.default_rng(0))
+
+
+def test_size_mismatch_and_missing_members_are_named():
+    sample = two_halves()
+    sample["label.png"] = png(np.zeros((10, 10), np.uint8))
+    with pytest.raises(SampleError, match=r"aachen_000000_000019.*128x64.*10x10"):
+        SegmentationTransform((128, 64), MEAN, STD)(sample, np.random.default_rng(0))
+    del sample["label.png"]
+    with pytest.raises(SampleError, match=r"no label\.png"):
+        SegmentationTransform((128, 64), MEAN, STD)(sample, np.random.default_rng(0))
