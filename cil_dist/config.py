@@ -78,3 +78,78 @@ def merge(schema: type, *sources: Any, overrides: list[str] | None = None, where
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+@dataclass
+class StageConfig:
+    """What this run trains: a stage of the protocol with a method."""
+
+    tasks: str = "cityscapes_cil"  # task protocol: shipped name or YAML path
+    stage: int = 1  # 1..number of tasks (ignored by `joint`)
+    method: str = "cil"  # cil (the paper) | finetune (lower bound) | joint (all classes at once)
+
+
+@dataclass
+class TeacherConfig:
+    """The previous stage's final checkpoint: the teacher of `cil`, the start of `finetune`."""
+
+    checkpoint: str = ""
+    temperature: float = 1.0
+    lambda_gs: float = 1.0  # strength of the entropy weighting of the distillation
+
+
+@dataclass
+class ModelConfig:
+    encoder_init: str = ""  # optional ImageNet-pretrained encoder state dict
+    channels_last: bool = False
+    sync_batchnorm: bool = False
+    apex: bool = False  # NVIDIA apex SyncBN/FusedAdam; an error when apex is not installed
+
+
+@dataclass
+class OptimConfig:
+    """Adam with polynomial decay stepped once per epoch (SEED_FACTS)."""
+
+    epochs: int = 200
+    lr: float = 5e-4
+    weight_decay: float = 3e-4
+    poly_power: float = 0.9
+    implementation: str = "auto"  # auto | fused | foreach | plain | apex
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "bf16"  # bf16 | fp16 (CUDA, with gradient scaling) | fp32
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 10
+    keep: int = 2  # periodic checkpoints kept besides the final one
+    resume: str = "auto"  # auto (latest in the run folder) | none | path of a checkpoint
+
+
+@dataclass
+class EvalConfig:
+    task_sets: list[str] = field(default_factory=list)  # default: every set the model covers
+    after_training: bool = True
+    export_predictions: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """A training run of one stage; saved as ``config.yaml`` in its run folder."""
+
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 1234
+    log_every: int = 10  # steps
+    tensorboard: bool = True
+    stage: StageConfig = field(default_factory=StageConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

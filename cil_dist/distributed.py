@@ -47,3 +47,38 @@ class DistEnv:
         if cuda:
             return cls(rank, world, local, f"cuda:{local}", "nccl")
         return cls(rank, world, local, "cpu", "gloo")
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Join the process group (``env://``: MASTER_ADDR/MASTER_PORT from torchrun or SLURM)."""
+    import torch.distributed as dist
+
+    if env.device.startswith("cuda"):
+        torch.cuda.set_device(env.local_rank)
+    if env.distributed and not dist.is_initialized():
+        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size)
+
+
+def cleanup_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    import torch.distributed as dist
+
+    if env.distributed and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Sum a few floats over all ranks (used only when logging)."""
+    import torch.distributed as dist
+
+    if not (env.distributed and dist.is_initialized()):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()

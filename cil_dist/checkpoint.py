@@ -1,0 +1,133 @@
+"""Checkpoints: written atomically by rank 0, loaded with ``weights_only=True``.
+
+A checkpoint holds the model (without DDP's ``module.`` prefix), optimiser, schedule, scaler,
+the progress record, RNG states, the resolved config and the task protocol. Files live in
+``RUN/checkpoints/``: ``epoch_0010.pt`` … (the newest ``keep`` are kept) and ``final.pt``.
+A file exists only once completely written (temporary file + rename), so "latest" is simply the
+newest file present.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cil_dist import storage
+
+log = logging.getLogger(__name__)
+
+FORMAT = "cil-dist-checkpoint/1"
+FINAL = "final.pt"
+PERIODIC = re.compile(r"epoch_(\d{4,})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit the run; names the file."""
+
+
+@dataclass
+class TrainState:
+    """Mutable progress of a run (checkpointed with everything else)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    samples: int = 0  # training samples seen by all ranks
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path: str | Path, **payload: Any) -> None:
+    """Write ``payload`` (plus the format tag) atomically to ``path``."""
+    payload = {"format": FORMAT, **payload}
+    with storage.open_for_write(str(path)) as stream:
+        torch.save(payload, stream)
+    log.info("saved checkpoint %s", path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a cil-dist checkpoint, or a plain model state dict (published reference weights)."""
+    path = str(path)
+    if not storage.exists(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with open(storage.local_path(path), "rb") as stream:
+            payload = torch.load(stream, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot load checkpoint: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(payload).__name__}")
+    if payload.get("format") == FORMAT:
+        return payload
+    if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return {"format": "state_dict", "model": payload}  # a plain reference state dict
+    raise CheckpointError(f"{path}: neither a cil-dist checkpoint nor a model state dict")
+
+
+def num_classes_of(model_state: dict[str, torch.Tensor], path: str = "checkpoint") -> int:
+    """Output channels of an ERFNet state dict (from ``decoder.output_conv``)."""
+    for key, tensor in model_state.items():
+        if key.removeprefix("module.") == "decoder.output_conv.weight":
+            return int(tensor.shape[1])
+    raise CheckpointError(f"{path}: no decoder.output_conv.weight, not an ERFNet state dict")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def periodic_path(run_dir: str | Path, epoch: int) -> Path:
+    return checkpoint_dir(run_dir) / f"epoch_{epoch:04d}.pt"
+
+
+def final_path(run_dir: str | Path) -> Path:
+    return checkpoint_dir(run_dir) / FINAL
+
+
+def periodic_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Periodic checkpoints of a run, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    found = (
+        [p for p in folder.glob("epoch_*.pt") if PERIODIC.search(p.name)] if folder.is_dir() else []
+    )
+    return sorted(found, key=lambda p: int(PERIODIC.search(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """``final.pt`` if the run finished, else the newest periodic checkpoint, else None."""
+    final = final_path(run_dir)
+    if final.is_file():
+        return final
+    periodic = periodic_checkpoints(run_dir)
+    return periodic[-1] if periodic else None
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` periodic checkpoints."""
+    for old in periodic_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+
+
+def state_to_dict(state: TrainState) -> dict[str, int]:
+    return asdict(state)

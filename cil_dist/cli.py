@@ -1,0 +1,110 @@
+"""``cil``: train a stage, evaluate a checkpoint, segment an image.
+
+cil train --config NAME_OR_YAML [--set key=value ...]
+cil eval  --checkpoint CKPT [--task-sets 1 2 12 3 123] [--split val] [--manifest URL]
+          [--out DIR] [--export-predictions DIR] [--set key=value ...]
+cil infer --checkpoint CKPT --image x.png [--ground-truth y_labelIds.png] --output-path DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cil_dist.config import ConfigError, TrainConfig, merge
+
+log = logging.getLogger("cil")
+
+
+def load_train_config(config: str | None, overrides: list[str], base: dict | None = None):
+    """TrainConfig from a shipped name or YAML file (plus a base dict and dotted overrides)."""
+    import configs
+
+    sources = [base] if base else []
+    where = "overrides"
+    if config:
+        path = configs.find("train", config)
+        sources.append(str(path))
+        where = str(path)
+    cfg = merge(TrainConfig, *sources, overrides=overrides, where=where)
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cil", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train one stage (plain, torchrun or SLURM task)")
+    train.add_argument("--config", required=True, help="shipped name or YAML file")
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint per task set")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--task-sets", nargs="*", default=None, help="e.g. 1 2 12 3 123")
+    ev.add_argument("--split", default="val", help="manifest split (val, heldout, task1…)")
+    ev.add_argument("--manifest", default=None, help="shards manifest (default: the run's)")
+    ev.add_argument("--out", default=None, help="folder for metrics.json and table.md")
+    ev.add_argument("--export-predictions", default=None, metavar="DIR")
+    ev.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+
+    inf = sub.add_parser("infer", help="segment one image")
+    inf.add_argument("--checkpoint", required=True)
+    inf.add_argument("--image", required=True)
+    inf.add_argument("--ground-truth", default=None, help="*_gtFine_labelIds.png for metrics")
+    inf.add_argument("--output-path", required=True)
+    inf.add_argument("--task-set", default=None, help="restrict to a task set, e.g. 12")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cil_dist.checkpoint import CheckpointError
+    from cil_dist.logs import setup_logging
+
+    setup_logging(0)
+    try:
+        if args.command == "train":
+            from cil_dist.train import run_training
+
+            run_training(load_train_config(args.config, args.set))
+        elif args.command == "eval":
+            run_eval(args)
+        else:
+            from cil_dist.infer import infer
+
+            infer(args.checkpoint, args.image, args.output_path, args.ground_truth, args.task_set)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from cil_dist.checkpoint import load_checkpoint
+    from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
+    from cil_dist.evaluate import evaluate_checkpoint
+    from cil_dist.logs import setup_logging
+
+    payload = load_checkpoint(args.checkpoint)
+    overrides = list(args.set) + ([f"data.manifest={args.manifest}"] if args.manifest else [])
+    cfg = load_train_config(None, overrides, base=payload.get("config"))
+    env = DistEnv.from_environment()
+    setup_logging(env.rank)
+    init_distributed(env)
+    try:
+        evaluate_checkpoint(
+            args.checkpoint,
+            cfg,
+            env,
+            args.task_sets,
+            args.split,
+            Path(args.out) if args.out else None,
+            Path(args.export_predictions) if args.export_predictions else None,
+        )
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

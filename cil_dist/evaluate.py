@@ -1,0 +1,144 @@
+"""Evaluation per task set (SEED_FACTS): task-restricted argmax at label resolution, confusion
+matrices summed across ranks, per-class IoU and mIoU, written as JSON and a paper-shaped table.
+Optionally exports predictions as Cityscapes label-id PNGs (``{frame}_leftImg8bit.png``), the
+format the official Cityscapes scripts and benchmark server read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cil_dist.config import TrainConfig
+from cil_dist.data.pipeline import EpochLoader, ShardSource, build_eval_loader
+from cil_dist.distributed import DistEnv
+from cil_dist.metrics import (
+    TaskSetEvaluator,
+    format_class_table,
+    format_paper_table,
+    upsample_logits,
+)
+from cil_dist.precision import Precision
+from cil_dist.protocol import TaskProtocol
+from cil_dist.visualize import channels_to_label_ids
+
+log = logging.getLogger(__name__)
+
+
+def export_predictions(logits: torch.Tensor, keys: list[str], names: list[str], out: Path):
+    """Write the argmax over all of the model's channels as Cityscapes label-id PNGs."""
+    out.mkdir(parents=True, exist_ok=True)
+    channels = logits.argmax(1).to(torch.uint8).cpu().numpy()
+    for key, channel_map in zip(keys, channels, strict=True):
+        ids = channels_to_label_ids(channel_map, names)
+        Image.fromarray(ids.astype(np.uint8)).save(out / f"{key}_leftImg8bit.png")
+
+
+def evaluate(
+    model: torch.nn.Module,
+    loader: EpochLoader,
+    evaluator: TaskSetEvaluator,
+    precision: Precision,
+    env: DistEnv,
+    export_dir: Path | None = None,
+    class_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run ``model`` over every sample of ``loader`` (once across ranks) and reduce metrics."""
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            images = batch["image"].to(env.device, non_blocking=True)
+            labels = batch["label"].to(env.device, non_blocking=True)
+            with precision.autocast():
+                logits = model(images)
+            logits = upsample_logits(logits.float(), tuple(labels.shape[-2:]))
+            evaluator.update(logits, labels)
+            if export_dir is not None:
+                export_predictions(logits, batch["key"], class_names or [], export_dir)
+    evaluator.reduce()
+    return evaluator.results()
+
+
+def write_results(results: dict[str, Any], protocol: TaskProtocol, out: Path, label: str) -> None:
+    """``metrics.json`` plus ``table.md`` (paper-shaped mIoU row and per-class IoU)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(results, indent=1))
+    row = {name: res["miou"] for name, res in results.items()}
+    table = format_paper_table({label: row}, tuple(results))
+    classes = format_class_table(results, protocol)
+    (out / "table.md").write_text(f"{table}\n\n{classes}\n")
+    log.info("evaluation (%s):\n%s", out, table)
+
+
+def evaluate_run(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    plan,
+    env: DistEnv,
+    run_dir: Path,
+    precision: Precision,
+    split: str = "val",
+) -> dict[str, Any]:
+    """Evaluate a freshly trained model on ``split`` for its task sets; rank 0 writes files."""
+    task_sets = list(cfg.eval.task_sets) or plan.task_sets
+    evaluator = TaskSetEvaluator(plan.protocol, plan.num_classes, task_sets, device=env.device)
+    source = ShardSource.from_config(cfg.data, split)
+    loader = build_eval_loader(cfg.data, source, env)
+    export = run_dir / "predictions" / split if cfg.eval.export_predictions else None
+    results = evaluate(model, loader, evaluator, precision, env, export, plan.protocol.class_names)
+    if env.is_main:
+        write_results(results, plan.protocol, run_dir / f"eval_{split}", cfg.name)
+    return results
+
+
+def model_from_checkpoint(path: str, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """An ERFNet with the checkpoint's weights, in eval mode, and the checkpoint payload."""
+    from cil_dist.checkpoint import load_checkpoint, num_classes_of
+    from cil_dist.model import ERFNet, load_state_dict_checked
+
+    payload = load_checkpoint(path)
+    model = ERFNet(num_classes_of(payload["model"], path))
+    load_state_dict_checked(model, payload["model"])
+    return model.to(device).eval(), payload
+
+
+def evaluate_checkpoint(
+    path: str,
+    cfg: TrainConfig,
+    env: DistEnv,
+    task_sets: list[str] | None = None,
+    split: str = "val",
+    out: Path | None = None,
+    export: Path | None = None,
+) -> dict[str, Any]:
+    """``cil eval``: evaluate a checkpoint on a manifest split for the given task sets."""
+    from cil_dist.precision import build_precision
+
+    model, payload = model_from_checkpoint(path, env.device)
+    protocol = (
+        TaskProtocol.from_dict(payload["protocol"], source=path)
+        if "protocol" in payload
+        else TaskProtocol.load(cfg.stage.tasks)
+    )
+    num_classes = model.decoder.output_conv.out_channels
+    if not task_sets:
+        task_sets = [
+            n
+            for n, t in protocol.eval_task_sets.items()
+            if protocol.classes_up_to(max(t)) <= num_classes
+        ]
+    evaluator = TaskSetEvaluator(protocol, num_classes, task_sets, device=env.device)
+    loader = build_eval_loader(cfg.data, ShardSource.from_config(cfg.data, split), env)
+    precision = build_precision(cfg.precision, env)
+    results = evaluate(model, loader, evaluator, precision, env, export, protocol.class_names)
+    if env.is_main:
+        write_results(
+            results, protocol, out or Path(path).parent.parent / f"eval_{split}", Path(path).stem
+        )
+    return results

@@ -1,0 +1,68 @@
+"""The frozen teacher of an incremental stage: the previous stage's final model.
+
+It is loaded on every rank, never wrapped in DDP, holds no ``requires_grad`` parameters, stays
+in eval mode, and its forward runs under ``torch.inference_mode()`` (no autograd graph at all)
+with the same autocast as the student, on the same augmented batch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from cil_dist.checkpoint import CheckpointError, load_checkpoint, num_classes_of
+from cil_dist.model import ERFNet, load_state_dict_checked
+from cil_dist.precision import Precision
+
+log = logging.getLogger(__name__)
+
+
+def load_previous_state(path: str, expected_classes: int) -> dict[str, torch.Tensor]:
+    """Model weights of the previous stage's checkpoint, checked to cover ``expected_classes``."""
+    payload = load_checkpoint(path)
+    state = payload["model"]
+    found = num_classes_of(state, path)
+    if found != expected_classes:
+        raise CheckpointError(
+            f"{path}: the previous stage's model has {found} classes, but this stage needs a "
+            f"teacher with the {expected_classes} classes of the earlier tasks"
+        )
+    return state
+
+
+def load_teacher(
+    path: str, expected_classes: int, device: str, channels_last: bool = False
+) -> ERFNet:
+    """Build the frozen teacher from a checkpoint (cil-dist or a reference state dict)."""
+    teacher = ERFNet(expected_classes)
+    load_state_dict_checked(teacher, load_previous_state(path, expected_classes))
+    teacher.requires_grad_(False)
+    teacher.eval()
+    teacher.to(
+        device, memory_format=torch.channels_last if channels_last else torch.preserve_format
+    )
+    log.info("teacher: %s (%d classes), frozen, inference mode", path, expected_classes)
+    return teacher
+
+
+def teacher_forward(teacher: torch.nn.Module, images: torch.Tensor, precision: Precision):
+    """Teacher logits as inference tensors: no autograd graph is built."""
+    with torch.inference_mode(), precision.autocast():
+        return teacher(images)
+
+
+def init_from_previous(
+    student: ERFNet, previous: dict[str, torch.Tensor], num_old_classes: int
+) -> None:
+    """Start ``student`` from the previous model; new output channels keep their fresh init."""
+    own = student.state_dict()
+    for key, value in previous.items():
+        key = key.removeprefix("module.")
+        if key == "decoder.output_conv.weight":  # ConvTranspose2d: (in, out, kH, kW)
+            own[key][:, :num_old_classes] = value
+        elif key == "decoder.output_conv.bias":
+            own[key][:num_old_classes] = value
+        elif key in own:
+            own[key] = value
+    load_state_dict_checked(student, own)

@@ -1,0 +1,332 @@
+"""One training stage: student (DDP, mixed precision), optional frozen teacher, checkpoints.
+
+``run_training(cfg)`` is the entry point for a plain process, ``torchrun`` and submitit jobs:
+it reads rank/world from the environment, builds everything from the config, resumes from the
+latest checkpoint of the run folder, trains the remaining epochs and evaluates at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from cil_dist import checkpoint as ckpt
+from cil_dist.accel import require_apex
+from cil_dist.config import ConfigError, TrainConfig
+from cil_dist.data.pipeline import EpochLoader, ShardSource, build_train_loader
+from cil_dist.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+)
+from cil_dist.logs import setup_logging
+from cil_dist.losses import cross_entropy, finetune_loss, incremental_loss
+from cil_dist.model import ERFNet, build_model, load_state_dict_checked
+from cil_dist.optim import build_optimizer, poly_schedule
+from cil_dist.precision import Precision, build_precision
+from cil_dist.protocol import TaskProtocol
+from cil_dist.stage import StagePlan, plan_stage
+from cil_dist.teacher import init_from_previous, load_previous_state, load_teacher, teacher_forward
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """Everything a training epoch needs, built once."""
+
+    plan: StagePlan
+    student: torch.nn.Module  # DDP-wrapped when distributed
+    bare_student: ERFNet  # for saving (no `module.` prefix)
+    teacher: ERFNet | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision
+    loader: EpochLoader
+    state: ckpt.TrainState
+
+
+def stage_loss(plan: StagePlan, cfg: TrainConfig, logits, teacher_logits, labels):
+    """``(total, ce, kd)`` of the stage's method."""
+    if plan.uses_teacher:
+        return incremental_loss(
+            logits,
+            teacher_logits,
+            labels,
+            plan.num_old_classes,
+            temperature=cfg.teacher.temperature,
+            lambda_gs=cfg.teacher.lambda_gs,
+        )
+    if plan.method == "finetune" and plan.num_old_classes:
+        ce = finetune_loss(logits, labels, plan.num_old_classes)
+    else:
+        ce = cross_entropy(logits, labels)
+    return ce, ce, torch.zeros((), device=ce.device)
+
+
+def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv):
+    """One optimiser step; returns the detached loss parts."""
+    memory = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    images = batch["image"].to(env.device, non_blocking=True, memory_format=memory)
+    labels = batch["label"].to(env.device, non_blocking=True)
+    parts.optimizer.zero_grad(set_to_none=True)
+    teacher_logits = (
+        teacher_forward(parts.teacher, images, parts.precision) if parts.teacher else None
+    )
+    with parts.precision.autocast():
+        logits = parts.student(images)
+    total, ce, kd = stage_loss(parts.plan, cfg, logits, teacher_logits, labels)
+    if not torch.isfinite(total):
+        raise FloatingPointError(
+            f"non-finite loss at epoch {parts.state.epoch + 1}, step {parts.state.step + 1}: "
+            f"ce {ce.item()}, kd {kd.item()}; stopping (last checkpoint intact)"
+        )
+    parts.precision.backward_step(total, parts.optimizer)
+    return total.detach(), ce.detach(), kd.detach()
+
+
+def train_one_epoch(parts: Components, cfg: TrainConfig, env: DistEnv, writer) -> dict:
+    """Train one epoch; returns loss parts averaged over all ranks and the throughput."""
+    parts.student.train()
+    parts.loader.set_epoch(parts.state.epoch)
+    sums = torch.zeros(3, dtype=torch.float64)
+    start, images = time.perf_counter(), 0
+    lr = parts.optimizer.param_groups[0]["lr"]
+    bar = tqdm(
+        total=len(parts.loader),
+        desc=f"epoch {parts.state.epoch + 1}/{cfg.optim.epochs}",
+        disable=not env.is_main,
+        leave=False,
+        file=sys.stderr,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    )
+    for batch in parts.loader:
+        losses = train_step(parts, cfg, batch, env)
+        sums += torch.stack([v.double().cpu() for v in losses])
+        images += batch["image"].shape[0]
+        parts.state.step += 1
+        bar.update(1)
+        if env.is_main and parts.state.step % cfg.log_every == 0:
+            rate = images * env.world_size / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{losses[0].item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            if writer:
+                for name, value in zip(("total", "ce", "kd"), losses, strict=True):
+                    writer.add_scalar(f"loss/{name}", value.item(), parts.state.step)
+    bar.close()
+    steps = len(parts.loader)
+    totals = all_reduce_sum([*sums.tolist(), float(images)], env)
+    seconds = time.perf_counter() - start
+    parts.state.samples += int(totals[3])
+    return {
+        "loss": totals[0] / (steps * env.world_size),
+        "ce": totals[1] / (steps * env.world_size),
+        "kd": totals[2] / (steps * env.world_size),
+        "lr": lr,
+        "images_per_s": totals[3] / seconds,
+    }
+
+
+def build_student(cfg: TrainConfig, plan: StagePlan, env: DistEnv) -> ERFNet:
+    torch.manual_seed(cfg.seed)
+    student = build_model(plan.num_classes, encoder_init=cfg.model.encoder_init or None)
+    if plan.method == "finetune" and plan.uses_previous:
+        previous = load_previous_state(cfg.teacher.checkpoint, plan.num_old_classes)
+        init_from_previous(student, previous, plan.num_old_classes)
+    if cfg.model.sync_batchnorm and env.distributed:
+        if cfg.model.apex:
+            student = require_apex("model.apex").parallel.convert_syncbn_model(student)
+        else:
+            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    elif cfg.model.apex:
+        require_apex("model.apex")
+    memory = torch.channels_last if cfg.model.channels_last else torch.preserve_format
+    return student.to(env.device, memory_format=memory)
+
+
+def check_manifest_protocol(source: ShardSource, cfg: TrainConfig, protocol: TaskProtocol):
+    """The shards must have been packed for the same city sets as the run's protocol."""
+    if not cfg.data.manifest:
+        return
+    from cil_dist.data.manifest import Manifest
+
+    manifest = Manifest.load(cfg.data.manifest)
+    for name, city_set in protocol.city_sets().items():
+        if name in manifest.splits and list(manifest.splits[name].cities) != list(city_set.cities):
+            raise ConfigError(
+                f"data.manifest: {cfg.data.manifest} split {name!r} holds cities "
+                f"{manifest.splits[name].cities}, protocol {protocol.name!r} wants "
+                f"{list(city_set.cities)}; re-pack with --tasks {protocol.source}"
+            )
+
+
+def run_dir_of(cfg: TrainConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def build(cfg: TrainConfig, env: DistEnv) -> Components:
+    """Validate the config and build model, teacher, data, optimiser and precision."""
+    cfg.data.validate()
+    protocol = TaskProtocol.load(cfg.stage.tasks)
+    plan = plan_stage(cfg, protocol)
+    source = ShardSource.from_config(cfg.data, plan.splits)
+    check_manifest_protocol(source, cfg, protocol)
+    teacher = None
+    if plan.uses_teacher:
+        teacher = load_teacher(
+            cfg.teacher.checkpoint, plan.num_old_classes, env.device, cfg.model.channels_last
+        )
+    precision = build_precision(cfg.precision, env)
+    bare = build_student(cfg, plan, env)
+    student = bare
+    if env.distributed:
+        student = DistributedDataParallel(
+            bare, device_ids=[env.local_rank] if env.device.startswith("cuda") else None
+        )
+    optimizer = build_optimizer(bare.parameters(), cfg.optim)
+    loader = build_train_loader(cfg.data, source, plan.lut, env, seed=cfg.seed)
+    return Components(
+        plan,
+        student,
+        bare,
+        teacher,
+        optimizer,
+        poly_schedule(optimizer, cfg.optim),
+        precision,
+        loader,
+        ckpt.TrainState(),
+    )
+
+
+def checkpoint_payload(parts: Components, cfg: TrainConfig) -> dict:
+    return {
+        "model": parts.bare_student.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.precision.scaler.state_dict() if parts.precision.scaler else {},
+        "state": ckpt.state_to_dict(parts.state),
+        "rng": ckpt.rng_state(),
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "protocol": parts.plan.protocol.to_dict(),
+        "num_classes": parts.plan.num_classes,
+        "method": parts.plan.method,
+        "stage": parts.plan.stage,
+    }
+
+
+def resume(parts: Components, cfg: TrainConfig, run_dir: Path) -> None:
+    """Restore everything from the run's latest checkpoint (``checkpoint.resume``)."""
+    mode = cfg.checkpoint.resume
+    path = (
+        ckpt.latest_checkpoint(run_dir)
+        if mode == "auto"
+        else None
+        if mode == "none"
+        else Path(mode)
+    )
+    if path is None:
+        return
+    payload = ckpt.load_checkpoint(path)
+    if payload.get("format") != ckpt.FORMAT:
+        raise ckpt.CheckpointError(f"{path}: a plain state dict cannot be resumed from")
+    mine = (parts.plan.method, parts.plan.stage, parts.plan.num_classes)
+    theirs = (payload.get("method"), payload.get("stage"), payload.get("num_classes"))
+    if mine != theirs:
+        raise ckpt.CheckpointError(
+            f"{path}: checkpoint is (method, stage, classes) = {theirs}, this run is {mine}"
+        )
+    load_state_dict_checked(parts.bare_student, payload["model"])
+    parts.optimizer.load_state_dict(payload["optimizer"])
+    parts.scheduler.load_state_dict(payload["scheduler"])
+    if parts.precision.scaler and payload["scaler"]:
+        parts.precision.scaler.load_state_dict(payload["scaler"])
+    parts.state = ckpt.TrainState(**payload["state"])
+    ckpt.set_rng_state(payload["rng"])
+    log.info("resumed from %s at epoch %d, step %d", path, parts.state.epoch, parts.state.step)
+
+
+def save(parts: Components, cfg: TrainConfig, path: Path, env: DistEnv) -> None:
+    if env.is_main:
+        ckpt.save_checkpoint(path, **checkpoint_payload(parts, cfg))
+    barrier(env)
+
+
+def fit(parts: Components, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Path:
+    """Train the remaining epochs; returns the final checkpoint's path."""
+    final = ckpt.final_path(run_dir)
+    if parts.state.epoch >= cfg.optim.epochs and final.is_file():
+        log.info("run %s already finished (%s)", run_dir, final)
+        return final
+    writer = None
+    if env.is_main and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    try:
+        while parts.state.epoch < cfg.optim.epochs:
+            stats = train_one_epoch(parts, cfg, env, writer)
+            parts.scheduler.step()
+            parts.state.epoch += 1
+            log.info(
+                "epoch %d/%d: loss %.4f (ce %.4f, kd %.4f), lr %.2e, %.1f img/s",
+                parts.state.epoch,
+                cfg.optim.epochs,
+                stats["loss"],
+                stats["ce"],
+                stats["kd"],
+                stats["lr"],
+                stats["images_per_s"],
+            )
+            if writer:
+                for key, value in stats.items():
+                    writer.add_scalar(f"epoch/{key}", value, parts.state.epoch)
+            every = cfg.checkpoint.every_epochs
+            if every and parts.state.epoch % every == 0 and parts.state.epoch < cfg.optim.epochs:
+                save(parts, cfg, ckpt.periodic_path(run_dir, parts.state.epoch), env)
+                if env.is_main:
+                    ckpt.prune(run_dir, cfg.checkpoint.keep)
+    finally:
+        if writer:
+            writer.close()
+    save(parts, cfg, final, env)
+    return final
+
+
+def write_config(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> None:
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def train_stage(cfg: TrainConfig, env: DistEnv) -> Path:
+    """Build, resume, train, evaluate; returns the final checkpoint path."""
+    run_dir = run_dir_of(cfg)
+    parts = build(cfg, env)
+    write_config(cfg, run_dir, env)
+    resume(parts, cfg, run_dir)
+    final = fit(parts, cfg, env, run_dir)
+    if cfg.eval.after_training:
+        from cil_dist.evaluate import evaluate_run
+
+        evaluate_run(parts.bare_student, cfg, parts.plan, env, run_dir, parts.precision)
+    return final
+
+
+def run_training(cfg: TrainConfig) -> Path:
+    """Entry point of one stage in this process (plain, torchrun or a submitit task)."""
+    env = DistEnv.from_environment()
+    setup_logging(env.rank)
+    init_distributed(env)
+    try:
+        return train_stage(cfg, env)
+    finally:
+        cleanup_distributed()
