@@ -24,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt | system-deps
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m shards.demo --out $(DEMO)
+	$(BIN)/python -m launch.demo --out $(DEMO)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -1,10 +1,10 @@
 """``cil-shards``: make a synthetic Cityscapes tree, pack Cityscapes into shards, check shards.
 
-    cil-shards synth  --out DIR [--images-per-city N] [--size WxH] [--seed S] [--tasks YAML]
-    cil-shards pack   --cityscapes ROOT --out DIR [--tasks YAML] [--size WxH]
-                      [--samples-per-shard N] [--image-format png|jpg] [--workers N]
-    cil-shards verify MANIFEST            # every shard's size, sample count and sha256
-    cil-shards inspect MANIFEST           # splits, shard and sample counts
+cil-shards synth  --out DIR [--images-per-city N] [--size WxH] [--seed S] [--tasks YAML]
+cil-shards pack   --cityscapes ROOT --out DIR [--tasks YAML] [--size WxH]
+                  [--samples-per-shard N] [--image-format png|jpg] [--workers N]
+cil-shards verify MANIFEST            # every shard's size, sample count and sha256
+cil-shards inspect MANIFEST           # splits, shard and sample counts
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-from webdataset import gopen
+from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from cil_dist.data.manifest import ShardRef
@@ -63,7 +63,7 @@ class HashingStream:
 
 def open_shard(url: str) -> IO[bytes]:
     """Open a shard URL for streaming reads."""
-    return gopen.gopen(url, "rb")
+    return gopen(url, "rb")
 
 
 def _member_stream(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:

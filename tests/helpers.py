@@ -1,0 +1,57 @@
+"""Helpers for tests that train: configs on the tiny shards and real multi-process runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+from cil_dist.config import AugmentConfig, DataConfig, TrainConfig
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_train_config(manifest: str, out_dir: Path, name: str = "run", **stage) -> TrainConfig:
+    """A fast config on the 128x64 test shards (1 epoch, fp32, no workers)."""
+    cfg = TrainConfig(name=name, out_dir=str(out_dir), seed=0, log_every=1, tensorboard=False)
+    cfg.data = DataConfig(
+        manifest=manifest,
+        resize=[128, 64],
+        batch_size=2,
+        eval_batch_size=4,
+        num_workers=0,
+        shuffle_buffer=4,
+        augment=AugmentConfig(crop=[96, 48]),
+    )
+    cfg.optim.epochs = 1
+    cfg.precision.dtype = "fp32"
+    cfg.checkpoint.every_epochs = 1
+    cfg.eval.after_training = False
+    for key, value in stage.items():
+        setattr(cfg.stage, key, value)
+    return cfg
+
+
+def _spawned(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    fn(rank, *args)
+
+
+def run_ranks(fn: Callable, world: int, *args) -> None:
+    """Run ``fn(rank, *args)`` in ``world`` real processes with torch.distributed env set."""
+    mp.start_processes(
+        _spawned, args=(world, free_port(), fn, args), nprocs=world, join=True, start_method="spawn"
+    )

@@ -1,0 +1,136 @@
+"""The trainer: frozen inference-mode teacher, real 2-process DDP, resume, bad wiring."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cil_dist import checkpoint as ckpt
+from cil_dist.checkpoint import CheckpointError
+from cil_dist.config import ConfigError
+from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
+from cil_dist.teacher import teacher_forward
+from cil_dist.train import build, run_training, stage_loss, train_one_epoch, train_step
+from tests.helpers import run_ranks, tiny_train_config
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(manifest_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stage1")
+    return run_training(tiny_train_config(manifest_path, out, name="s1", stage=1))
+
+
+def graph_leaves(tensor: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors an autograd graph accumulates gradients into."""
+    seen, stack, leaves = set(), [tensor.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            leaves.add(id(fn.variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves
+
+
+def test_teacher_is_frozen_inference_only_and_outside_the_graph(
+    manifest_path, stage1_checkpoint, tmp_path
+):
+    cfg = tiny_train_config(manifest_path, tmp_path, stage=2, method="cil")
+    cfg.teacher.checkpoint = str(stage1_checkpoint)
+    env = DistEnv()
+    parts = build(cfg, env)
+    assert parts.teacher is not None and not parts.teacher.training
+    assert not any(p.requires_grad for p in parts.teacher.parameters())
+    batch = next(iter(parts.loader))
+
+    teacher_logits = teacher_forward(parts.teacher, batch["image"], parts.precision)
+    assert teacher_logits.is_inference() and teacher_logits.grad_fn is None
+    assert teacher_logits.shape[1] == 5
+    with parts.precision.autocast():
+        logits = parts.student(batch["image"])
+    total, _ce, kd = stage_loss(parts.plan, cfg, logits, teacher_logits, batch["label"])
+    leaves = graph_leaves(total)
+    assert leaves >= {id(p) for p in parts.student.parameters()}
+    assert not leaves & {id(p) for p in parts.teacher.parameters()}
+    assert kd.item() > 0
+
+    before = [p.detach().clone() for p in parts.teacher.parameters()]
+    train_step(parts, cfg, batch, env)
+    assert all(p.grad is None for p in parts.teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, parts.teacher.parameters(), strict=True))
+    assert all(p.grad is not None for p in parts.student.parameters())
+
+
+def test_teacher_with_wrong_class_count_is_refused_before_training(
+    manifest_path, stage1_checkpoint, tmp_path
+):
+    cfg = tiny_train_config(manifest_path, tmp_path, stage=3, method="cil")
+    cfg.teacher.checkpoint = str(stage1_checkpoint)  # 5 classes; stage 3 needs 11
+    with pytest.raises(CheckpointError, match=r"final\.pt.*5 classes.*11"):
+        build(cfg, DistEnv())
+    cfg.teacher.checkpoint = str(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match=r"nope\.pt.*not found"):
+        build(cfg, DistEnv())
+    cfg.teacher.checkpoint = ""
+    with pytest.raises(ConfigError, match=r"teacher\.checkpoint"):
+        build(cfg, DistEnv())
+
+
+def _ddp_worker(rank: int, manifest: str, out: Path) -> None:
+    env = DistEnv.from_environment()
+    init_distributed(env)
+    try:
+        cfg = tiny_train_config(manifest, out, name="ddp", method="joint")
+        parts = build(cfg, env)
+        for _ in range(2):
+            train_one_epoch(parts, cfg, env, writer=None)
+            parts.state.epoch += 1
+        steps = torch.tensor([parts.state.step])
+        torch.save(
+            {"params": dict(parts.bare_student.named_parameters()), "steps": steps},
+            out / f"rank{rank}.pt",
+        )
+    finally:
+        cleanup_distributed()
+
+
+def test_two_process_ddp_keeps_identical_weights(manifest_path, tmp_path):
+    run_ranks(_ddp_worker, 2, manifest_path, tmp_path)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert rank0["steps"].item() == rank1["steps"].item() > 0
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+    initial = tiny_train_config(manifest_path, tmp_path, method="joint")
+    fresh = build(initial, DistEnv()).bare_student
+    assert not torch.equal(
+        fresh.decoder.output_conv.weight, rank0["params"]["decoder.output_conv.weight"]
+    )
+
+
+def test_resume_reproduces_the_uninterrupted_run(manifest_path, tmp_path):
+    def config(name: str):
+        cfg = tiny_train_config(manifest_path, tmp_path, name=name, method="joint")
+        cfg.optim.epochs, cfg.checkpoint.keep = 3, 5
+        return cfg
+
+    whole = run_training(config("whole"))
+    interrupted = tmp_path / "interrupted" / "checkpoints"
+    interrupted.mkdir(parents=True)
+    shutil.copy(ckpt.periodic_path(tmp_path / "whole", 1), interrupted)  # "crashed" after epoch 1
+    resumed = run_training(config("interrupted"))
+    a, b = ckpt.load_checkpoint(whole), ckpt.load_checkpoint(resumed)
+    assert a["state"] == b["state"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_resume_refuses_a_checkpoint_of_another_stage(manifest_path, stage1_checkpoint, tmp_path):
+    cfg = tiny_train_config(manifest_path, tmp_path, name="other", method="joint")
+    cfg.checkpoint.resume = str(stage1_checkpoint)
+    with pytest.raises(CheckpointError, match=r"final\.pt.*\('cil', 1, 5\)"):
+        run_training(cfg)
