@@ -39,11 +39,15 @@ def read_back(manifest_url: str) -> dict[str, int]:
     counts = {}
     for split in manifest.splits:
         seen = Counter()
-        for batch in build_eval_loader(cfg, ShardSource.from_manifest(manifest_url, split), DistEnv()):
+        for batch in build_eval_loader(
+            cfg, ShardSource.from_manifest(manifest_url, split), DistEnv()
+        ):
             seen.update(batch["key"])
         if sum(seen.values()) != manifest.splits[split].samples or set(seen.values()) != {1}:
-            raise RuntimeError(f"split {split}: read {sum(seen.values())} samples, manifest says "
-                               f"{manifest.splits[split].samples}")
+            raise RuntimeError(
+                f"split {split}: read {sum(seen.values())} samples, manifest says "
+                f"{manifest.splits[split].samples}"
+            )
         counts[split] = sum(seen.values())
     return counts
 
@@ -54,8 +58,11 @@ def run_chain(out: Path, epochs: int) -> dict[str, dict[str, float]]:
     from cil_dist.train import run_training
 
     runs = out / "runs"
-    common = [f"out_dir={runs}", f"data.manifest={out / 'shards' / 'manifest.json'}",
-              f"optim.epochs={epochs}"]
+    common = [
+        f"out_dir={runs}",
+        f"data.manifest={out / 'shards' / 'manifest.json'}",
+        f"optim.epochs={epochs}",
+    ]
 
     def train(name: str, stage: int, method: str, teacher: Path | None) -> Path:
         overrides = [*common, f"name={name}", f"stage.stage={stage}", f"stage.method={method}"]
@@ -70,8 +77,12 @@ def run_chain(out: Path, epochs: int) -> dict[str, dict[str, float]]:
     ft3 = train("finetune_stage3", 3, "finetune", ft2)
     joint = train("joint", 3, "joint", None)
     rows = {}
-    for label, run in (("CIL (this method)", "cil_stage3"), ("fine-tuning (lower bound)",
-                       "finetune_stage3"), ("joint baseline", "joint"), ("stage 1 only", "stage1")):
+    for label, run in (
+        ("CIL (this method)", "cil_stage3"),
+        ("fine-tuning (lower bound)", "finetune_stage3"),
+        ("joint baseline", "joint"),
+        ("stage 1 only", "stage1"),
+    ):
         metrics = json.loads((runs / run / "eval_val" / "metrics.json").read_text())
         rows[label] = {name: result["miou"] for name, result in metrics.items()}
     del cil3, ft3, joint
@@ -100,8 +111,12 @@ def main() -> None:
     rows = run_chain(out, args.epochs)
     table = format_paper_table(rows, TASK_SETS)
     (out / "results.md").write_text(table + "\n")
-    log.info("demo finished in %.0f s; results in %s\n%s", time.perf_counter() - start,
-             out / "results.md", table)
+    log.info(
+        "demo finished in %.0f s; results in %s\n%s",
+        time.perf_counter() - start,
+        out / "results.md",
+        table,
+    )
 
 
 if __name__ == "__main__":
