@@ -49,9 +49,26 @@ class DistEnv:
         return cls(rank, world, local, "cpu", "gloo")
 
 
+def cpu_threads_per_rank(env: dict[str, str] | None = None) -> int:
+    """Intra-op threads for one rank: the node's cores shared by its local ranks.
+
+    Oversubscribed OpenMP threads spin against each other and can slow a CPU step tenfold, so
+    each of the ranks on a node gets ``cores // local ranks`` unless OMP_NUM_THREADS is set.
+    """
+    env = dict(os.environ if env is None else env)
+    if "OMP_NUM_THREADS" in env:
+        return max(1, int(env["OMP_NUM_THREADS"]))
+    local = int(env.get("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, local))
+
+
 def init_distributed(env: DistEnv) -> None:
     """Join the process group (``env://``: MASTER_ADDR/MASTER_PORT from torchrun or SLURM)."""
     import torch.distributed as dist
+
+    if not env.device.startswith("cuda"):
+        torch.set_num_threads(cpu_threads_per_rank())
 
     if env.device.startswith("cuda"):
         torch.cuda.set_device(env.local_rank)
