@@ -13,7 +13,8 @@ IGNORE = 255
 
 
 def _float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [t.float() for t in tensors]
+    """At least float32 (bf16/fp16 are upcast; float64 stays float64)."""
+    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE):
@@ -56,7 +57,7 @@ def finetune_loss(student_logits: torch.Tensor, labels: torch.Tensor, num_old_cl
     """Lower bound: cross-entropy on the new classes (log-softmax over all channels), no KD."""
     _check_shapes(student_logits, None, labels, num_old_classes)
     with torch.autocast(student_logits.device.type, enabled=False):
-        log_probs = F.log_softmax(student_logits.float(), dim=1)
+        log_probs = F.log_softmax(*_float32(student_logits), dim=1)
         return _new_class_nll(log_probs, labels, num_old_classes)
 
 

@@ -44,6 +44,7 @@ def _spawned(rank: int, world: int, port: int, fn: Callable, args: tuple) -> Non
         RANK=str(rank),
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
