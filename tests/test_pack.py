@@ -1,0 +1,181 @@
+"""Packing: plain webdataset tars, byte-identical, incremental, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset
+from PIL import Image
+
+from cil_dist.data.manifest import Manifest
+from cil_dist.protocol import TaskProtocol
+from shards.pack import PackError, pack
+from tests.conftest import TINY_SIZE
+
+SMALL = TaskProtocol.from_dict(
+    {
+        "name": "small",
+        "tasks": [
+            {"id": 1, "classes": ["road", "sky"], "cities": ["aachen"]},
+            {"id": 2, "classes": ["car"], "cities": ["bochum", "bremen"]},
+        ],
+        "val": {"split": "val", "cities": ["lindau"]},
+        "eval_task_sets": {"12": [1, 2]},
+    }
+)
+
+
+def write_frame(root: Path, split: str, city: str, index: int, seed: int, size=(32, 16)):
+    rng = np.random.default_rng(seed)
+    key = f"{city}_000000_{index:06d}"
+    image_dir, label_dir = root / "leftImg8bit" / split / city, root / "gtFine" / split / city
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+        image_dir / f"{key}_leftImg8bit.png"
+    )
+    ids = rng.choice([0, 7, 23, 26, 11], (size[1], size[0])).astype(np.uint8)
+    Image.fromarray(ids).save(label_dir / f"{key}_gtFine_labelIds.png")
+    return key
+
+
+@pytest.fixture
+def small_tree(tmp_path) -> Path:
+    root = tmp_path / "cityscapes"
+    for seed, (split, city) in enumerate(
+        [("train", "aachen"), ("train", "bochum"), ("train", "bremen"), ("val", "lindau")]
+    ):
+        for index in range(3):
+            write_frame(root, split, city, index, seed * 10 + index)
+    return root
+
+
+def test_round_trip_with_vanilla_webdataset_and_tar(small_tree, tmp_path):
+    out = tmp_path / "shards"
+    result = pack(small_tree, str(out), SMALL, size=(32, 16), samples_per_shard=2, workers=2)
+    manifest = Manifest.load(str(out / "manifest.json"))
+    assert {n: r.samples for n, r in manifest.splits.items()} == {"task1": 3, "task2": 6, "val": 3}
+    assert [s.samples for s in manifest.splits["task2"].shards] == [2, 2, 2]
+    assert result.written == 7 and manifest.task_config == SMALL.to_dict()
+    listing = subprocess.run(
+        ["tar", "tf", str(out / "task1" / "task1-000000.tar")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert listing == [
+        f"aachen_000000_00000{i}.{m}"
+        for i in range(2)
+        for m in ("image.png", "label.png", "meta.json")
+    ]
+    urls = [str(out / s.file) for s in manifest.splits["task2"].shards]
+    samples = list(webdataset.WebDataset(urls, shardshuffle=False))
+    assert len(samples) == 6
+    for sample in samples:
+        city = sample["__key__"].split("_")[0]
+        source = small_tree / "gtFine" / "train" / city / f"{sample['__key__']}_gtFine_labelIds.png"
+        decoded = np.asarray(Image.open(io.BytesIO(sample["label.png"])))
+        np.testing.assert_array_equal(decoded, np.asarray(Image.open(source)))
+
+
+def test_shards_are_byte_identical_and_reruns_skip(small_tree, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    pack(small_tree, str(a), SMALL, size=(32, 16), samples_per_shard=2, workers=2)
+    pack(small_tree, str(b), SMALL, size=(32, 16), samples_per_shard=2, workers=1)
+    tars = sorted(p.relative_to(a) for p in a.rglob("*.tar"))
+    assert tars and all((a / t).read_bytes() == (b / t).read_bytes() for t in tars)
+    before = {t: (a / t).stat().st_mtime_ns for t in tars}
+    again = pack(small_tree, str(a), SMALL, size=(32, 16), samples_per_shard=2)
+    assert (again.written, again.skipped) == (0, len(tars))
+    assert before == {t: (a / t).stat().st_mtime_ns for t in tars}
+    write_frame(small_tree, "train", "bremen", 2, seed=999)  # changes one task2 shard
+    changed = pack(small_tree, str(a), SMALL, size=(32, 16), samples_per_shard=2)
+    assert changed.written == 1
+    assert [t for t in tars if (a / t).stat().st_mtime_ns != before[t]] == [
+        Path("task2/task2-000002.tar")
+    ]
+
+
+def test_jpeg_option_and_resizing(synth_root, tmp_path):
+    out = tmp_path / "jpg"
+    pack(synth_root, str(out), paper(), size=(64, 32), samples_per_shard=4, image_format="jpg")
+    sample = next(
+        iter(webdataset.WebDataset(str(out / "val" / "val-000000.tar"), shardshuffle=False))
+    )
+    assert "image.jpg" in sample
+    assert Image.open(io.BytesIO(sample["image.jpg"])).size == (64, 32)
+    assert Image.open(io.BytesIO(sample["label.png"])).size == (64, 32)
+
+
+def paper() -> TaskProtocol:
+    return TaskProtocol.load("cityscapes_cil")
+
+
+def no_partial_files(out: Path) -> bool:
+    return not [p for p in out.rglob("*") if p.is_file() and (".tmp" in p.name)]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda r: (r / "gtFine/train/bochum/bochum_000000_000001_gtFine_labelIds.png").unlink(),
+            r"bochum_000000_000001_leftImg8bit\.png: label file missing.*gtFine_labelIds\.png",
+        ),
+        (
+            lambda r: Image.fromarray(np.zeros((8, 8), np.uint8)).save(
+                r / "gtFine/train/bremen/bremen_000000_000002_gtFine_labelIds.png"
+            ),
+            r"bremen_000000_000002_leftImg8bit\.png is 32x16 but .*labelIds\.png is 8x8",
+        ),
+        (
+            lambda r: Image.fromarray(np.full((16, 32), 200, np.uint8)).save(
+                r / "gtFine/train/bremen/bremen_000000_000001_gtFine_labelIds.png"
+            ),
+            r"bremen_000000_000001_gtFine_labelIds\.png \(key bremen_000000_000001\): label ids "
+            r"\[200\]",
+        ),
+        (
+            lambda r: shutil.rmtree(r / "leftImg8bit/train/aachen"),
+            r"city set 'task1': city 'aachen' has no folder .*leftImg8bit/train/aachen",
+        ),
+        (
+            lambda r: (
+                r / "leftImg8bit/val/lindau/lindau_000000_000000_leftImg8bit.png"
+            ).write_bytes(b"\x89PNG not really"),
+            r"lindau_000000_000000_leftImg8bit\.png \(key lindau_000000_000000\): "
+            r"cannot read image",
+        ),
+    ],
+    ids=["missing-label", "size-mismatch", "bad-label-id", "missing-city", "corrupt-png"],
+)
+def test_bad_input_is_named_and_leaves_no_partial_shard(small_tree, tmp_path, damage, message):
+    damage(small_tree)
+    out = tmp_path / "shards"
+    with pytest.raises(PackError, match=message):
+        pack(small_tree, str(out), SMALL, size=(32, 16), samples_per_shard=2, workers=2)
+    assert no_partial_files(out) if out.exists() else True
+    assert not (out / "manifest.json").exists()
+
+
+def test_bad_label_mid_shard_writes_no_tar_for_that_shard(small_tree, tmp_path):
+    bad = small_tree / "gtFine/train/bochum/bochum_000000_000001_gtFine_labelIds.png"
+    Image.fromarray(np.full((16, 32), 99, np.uint8)).save(bad)
+    out = tmp_path / "shards"
+    with pytest.raises(PackError, match=re.escape(str(bad))):
+        pack(small_tree, str(out), SMALL, size=(32, 16), samples_per_shard=2, workers=1)
+    assert not (out / "task2" / "task2-000000.tar").exists()
+    assert no_partial_files(out)
+
+
+def test_empty_city_set_is_an_error(tmp_path):
+    root = tmp_path / "cityscapes"
+    (root / "leftImg8bit" / "train" / "aachen").mkdir(parents=True)
+    with pytest.raises(PackError, match=r"city set 'task1' \(aachen\): no \*_leftImg8bit\.png"):
+        pack(root, str(tmp_path / "out"), SMALL, size=TINY_SIZE)
