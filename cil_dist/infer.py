@@ -40,7 +40,7 @@ def infer(
     output_path: str,
     ground_truth: str | None = None,
     task_set: str | None = None,
-    resize: tuple[int, int] = (1024, 512),
+    resize: tuple[int, int] | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Segment ``image_path``; returns the written file paths (and metrics with a ground truth)."""
@@ -58,6 +58,8 @@ def infer(
         )
     image = Image.open(image_path).convert("RGB")
     defaults = DataConfig()
+    trained = payload.get("config", {}).get("data", {}).get("resize")
+    resize = tuple(resize or trained or defaults.resize)  # the resolution the model was trained at
     tensor = torch.from_numpy(np.asarray(image.resize(resize, Image.BILINEAR), np.float32) / 255)
     tensor = (tensor - torch.tensor(defaults.mean)) / torch.tensor(defaults.std)
     with torch.inference_mode():

@@ -69,6 +69,8 @@ NEAR_Z = 4.0
 
 RGB = tuple[float, float, float]
 Colour = np.ndarray | Callable[[tuple[int, int]], np.ndarray]
+Span = tuple[float, float]  # (x left, x right)
+Point = tuple[float, float]  # (y, x)
 
 CAR_COLOURS: list[RGB] = [
     (0.85, 0.85, 0.85), (0.08, 0.08, 0.1), (0.45, 0.45, 0.47), (0.65, 0.1, 0.1),
@@ -134,6 +136,8 @@ def generate(
     width, height = (int(v) for v in size)
     if images_per_city < 1:
         raise ValueError(f"images_per_city must be >= 1, got {images_per_city}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if width < 16 or height < 8:
         raise ValueError(f"size must be at least 16x8 (width x height), got {width}x{height}")
     root = Path(out)
@@ -224,8 +228,15 @@ def _write_frame(job: _Job) -> None:
     root = Path(job.root)
     img_path = root / "leftImg8bit" / job.split / job.city / f"{stem}_leftImg8bit.png"
     lab_path = root / "gtFine" / job.split / job.city / f"{stem}_gtFine_labelIds.png"
-    Image.fromarray(image).save(img_path, compress_level=1)
-    Image.fromarray(label).save(lab_path, compress_level=6)
+    _save_png(image, img_path, compress_level=1)  # noisy photo: barely compressible
+    _save_png(label, lab_path, compress_level=6)
+
+
+def _save_png(array: np.ndarray, path: Path, compress_level: int) -> None:
+    """Write atomically: readers never see a half-written frame."""
+    part = path.with_name(path.name + ".part")
+    Image.fromarray(array).save(part, format="PNG", compress_level=compress_level)
+    os.replace(part, path)
 
 
 # --------------------------------------------------------------------------- drawing primitives
@@ -289,25 +300,22 @@ class _Canvas:
             np.copyto(img, rgb, where=mask[..., None])
             np.copyto(lab, np.uint8(label), where=mask)
 
+    def shape(self, box: _Box | None, label: int, colour: Colour, mask=None) -> None:
+        """Paint an object's shape (with object grain) unless it lies outside the frame."""
+        if box is not None:
+            self.paint(box, label, colour, mask, grain=OBJECT_GRAIN)
+
     def rect(self, y0: float, y1: float, x0: float, x1: float, label: int, colour: Colour) -> None:
         """Axis-aligned rectangle, at least one pixel wide and high."""
         y0, x0 = round(y0), round(x0)
-        box = self.box(y0, max(round(y1), y0 + 1), x0, max(round(x1), x0 + 1))
-        if box is not None:
-            self.paint(box, label, colour, grain=OBJECT_GRAIN)
+        self.shape(self.box(y0, max(round(y1), y0 + 1), x0, max(round(x1), x0 + 1)), label, colour)
 
     def ellipse(self, cy: float, cx: float, ry: float, rx: float, label: int, colour: Colour):
         ry, rx = max(ry, 0.6), max(rx, 0.6)
         box = self.box(cy - ry, cy + ry, cx - rx, cx + rx)
         if box is not None:
             yy, xx = box.grid()
-            self.paint(
-                box,
-                label,
-                colour,
-                ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1,
-                grain=OBJECT_GRAIN,
-            )
+            self.shape(box, label, colour, ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
 
     def ring(self, cy: float, cx: float, r: float, width: float, label: int, colour: Colour):
         r, width = max(r, 0.8), max(width, 0.7)
@@ -315,16 +323,10 @@ class _Canvas:
         if box is not None:
             yy, xx = box.grid()
             d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-            self.paint(box, label, colour, (d <= r) & (d >= r - width), grain=OBJECT_GRAIN)
+            self.shape(box, label, colour, (d <= r) & (d >= r - width))
 
     def trapezoid(
-        self,
-        y0: float,
-        y1: float,
-        top: tuple[float, float],
-        bottom: tuple[float, float],
-        label,
-        colour,
+        self, y0: float, y1: float, top: Span, bottom: Span, label: int, colour: Colour
     ) -> None:
         """Rows y0..y1; x span ``top`` at y0 interpolated linearly to ``bottom`` at y1."""
         box = self.box(y0, y1, min(top[0], bottom[0]), max(top[1], bottom[1]) + 1)
@@ -333,17 +335,9 @@ class _Canvas:
         yy, xx = box.grid()
         f = np.clip((yy - y0) / (y1 - y0), 0, 1)
         left, right = top[0] + (bottom[0] - top[0]) * f, top[1] + (bottom[1] - top[1]) * f
-        self.paint(
-            box,
-            label,
-            colour,
-            (xx >= left) & (xx < np.maximum(right, left + 1)),
-            grain=OBJECT_GRAIN,
-        )
+        self.shape(box, label, colour, (xx >= left) & (xx < np.maximum(right, left + 1)))
 
-    def segment(
-        self, p0: tuple[float, float], p1: tuple[float, float], radius: float, label, colour
-    ):
+    def segment(self, p0: Point, p1: Point, radius: float, label: int, colour: Colour) -> None:
         """Thick line from ``p0`` to ``p1`` (each ``(y, x)``)."""
         radius = max(radius, 0.6)
         (ya, xa), (yb, xb) = p0, p1
@@ -355,7 +349,7 @@ class _Canvas:
         dy, dx = yb - ya, xb - xa
         u = np.clip(((yy - ya) * dy + (xx - xa) * dx) / max(dy * dy + dx * dx, 1e-6), 0, 1)
         d2 = (yy - ya - u * dy) ** 2 + (xx - xa - u * dx) ** 2
-        self.paint(box, label, colour, d2 <= radius * radius, grain=OBJECT_GRAIN)
+        self.shape(box, label, colour, d2 <= radius * radius)
 
 
 def _crop(box: _Box, mask: np.ndarray) -> tuple[_Box, np.ndarray] | None:
@@ -544,13 +538,11 @@ def _draw_tree_crown(cv: _Canvas, cx: float, cy: float, radius: float) -> None:
     """A crown of a few overlapping ellipses, textured as one."""
     rng = cv.rng
     texture = _foliage(rng, radius / 3)
-    blobs = [
-        (cy + dy, cx + dx, r * rng.uniform(0.7, 1.0), r)
-        for r, dy, dx in (
-            (radius * rng.uniform(0.5, 0.9), *(rng.uniform(-0.5, 0.5, 2) * radius))
-            for _ in range(int(rng.integers(2, 5)))
-        )
-    ]
+    blobs = []
+    for _ in range(int(rng.integers(2, 5))):
+        r = radius * rng.uniform(0.5, 0.9)
+        dy, dx = rng.uniform(-0.5, 0.5, 2) * radius
+        blobs.append((cy + dy, cx + dx, r * rng.uniform(0.7, 1.0), r))
     box = cv.box(cy - 1.5 * radius, cy + 1.5 * radius, cx - 1.5 * radius, cx + 1.5 * radius)
     if box is None:
         return
@@ -676,7 +668,8 @@ def _draw_sides(cv: _Canvas, st: _Street) -> None:
             continue
         near = [s for segs in sides.values() for s in segs[:3] if s.kind not in ("wall", "fence")]
         if near:
-            near[int(rng.integers(len(near)))].kind = kind
+            seg = near[int(rng.integers(len(near)))]
+            seg.kind, seg.height = kind, rng.uniform(*HEIGHTS[kind])
     for side, segs in sides.items():
         for seg in segs:
             if seg.kind != "open":
@@ -730,7 +723,9 @@ def _draw_plane(cv: _Canvas, st: _Street, side: int, seg: _Segment) -> None:
     cv.paint(box, PLANE_LABELS[seg.kind], texture, mask)
 
 
-def _building_plane(cv: _Canvas, box: _Box, z, hm, height) -> np.ndarray:
+def _building_plane(
+    cv: _Canvas, box: _Box, z: np.ndarray, hm: np.ndarray, height: float
+) -> np.ndarray:
     """Facade in perspective: storeys of windows, ledges, shop windows and doors at street level."""
     rng = cv.rng
     base = _pick(rng, FACADE_COLOURS, 0.06)
@@ -755,7 +750,7 @@ def _building_plane(cv: _Canvas, box: _Box, z, hm, height) -> np.ndarray:
     return np.where((hm > height - 0.4)[..., None], base * 0.75, out)
 
 
-def _wall_plane(cv: _Canvas, box: _Box, z, hm, height) -> np.ndarray:
+def _wall_plane(cv: _Canvas, box: _Box, z: np.ndarray, hm: np.ndarray, height: float) -> np.ndarray:
     rng = cv.rng
     base = _grey(rng, 0.45, 0.75) * np.array([1.0, rng.uniform(0.92, 1.0), rng.uniform(0.82, 1)])
     h, w = box.shape
@@ -769,7 +764,9 @@ def _wall_plane(cv: _Canvas, box: _Box, z, hm, height) -> np.ndarray:
     return (base * lum[..., None]).astype(np.float32)
 
 
-def _fence_plane(cv: _Canvas, box: _Box, z, hm, height) -> np.ndarray:
+def _fence_plane(
+    cv: _Canvas, box: _Box, z: np.ndarray, hm: np.ndarray, height: float
+) -> np.ndarray:
     """A lattice (chain link, bars or pickets) over the dimmed scene behind it."""
     rng = cv.rng
     bars = _pick(rng, [(0.35, 0.38, 0.35), (0.2, 0.3, 0.22), (0.45, 0.33, 0.22), (0.6, 0.6, 0.6)])
@@ -786,7 +783,9 @@ def _fence_plane(cv: _Canvas, box: _Box, z, hm, height) -> np.ndarray:
     return np.where(lattice[..., None], bars, behind).astype(np.float32)
 
 
-def _hedge_plane(cv: _Canvas, box: _Box, z, hm, height) -> np.ndarray:
+def _hedge_plane(
+    cv: _Canvas, box: _Box, z: np.ndarray, hm: np.ndarray, height: float
+) -> np.ndarray:
     return _foliage(cv.rng, 0.03 * cv.h)(box.shape)
 
 
@@ -876,6 +875,19 @@ def _place(rng: np.random.Generator, st: _Street, where: str, t: float) -> float
         return st.on_road(rng, t)
     lo, hi = {"walk": (0.1, 0.9), "kerb": (0.05, 0.35), "back": (0.6, 0.95)}[where]
     return st.on_walk(rng, t, int(rng.choice([-1, 1])), lo, hi)
+
+
+def _spoked_wheel(cv: _Canvas, cy: float, cx: float, r: float, label: int, tyre: np.ndarray):
+    """A thin tyre with spokes; as in Cityscapes, the see-through inside belongs to the wheel."""
+    box = cv.box(cy - r, cy + r, cx - r, cx + r)
+    if box is not None:
+        yy, xx = box.grid()
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        cv.paint(box, label, cv.img[box.slices] * np.float32(0.8), inside)
+    cv.ring(cy, cx, r, max(0.18 * r, 1.0), label, tyre)
+    for a in cv.rng.uniform(0, np.pi, 2):
+        dy, dx = r * np.sin(a), r * np.cos(a)
+        cv.segment((cy - dy, cx - dx), (cy + dy, cx + dx), 0.03 * r, label, tyre * 2 + 0.3)
 
 
 def _wheel(cv: _Canvas, cy: float, cx: float, r: float, label: int) -> None:
@@ -996,15 +1008,15 @@ def _person(cv: _Canvas, x: float, yb: float, m: float) -> None:
     h = rng.uniform(1.55, 1.95) * m
     shirt, pants, skin = _pick(rng, CLOTHES), _pick(rng, CLOTHES[:5], 0.04), _pick(rng, SKINS)
     stride = rng.uniform(-0.12, 0.12) * h
-    leg = 0.055 * h
+    leg = 0.065 * h
     hip = yb - 0.48 * h
     cv.segment((hip, x - 0.04 * h), (yb - leg, x - 0.04 * h - stride), leg, PERSON, pants)
     cv.segment((hip, x + 0.04 * h), (yb - leg, x + 0.04 * h + stride), leg, PERSON, pants)
-    cv.trapezoid(yb - 0.82 * h, hip + 0.02 * h, (x - 0.12 * h, x + 0.12 * h),
-                 (x - 0.1 * h, x + 0.1 * h), PERSON, shirt)  # fmt: skip
+    cv.trapezoid(yb - 0.82 * h, hip + 0.02 * h, (x - 0.13 * h, x + 0.13 * h),
+                 (x - 0.115 * h, x + 0.115 * h), PERSON, shirt)  # fmt: skip
     for sx in (-1, 1):
         cv.segment((yb - 0.8 * h, x + sx * 0.12 * h), (yb - 0.5 * h, x + sx * 0.15 * h),
-                   0.035 * h, PERSON, shirt)  # fmt: skip
+                   0.04 * h, PERSON, shirt)  # fmt: skip
     cv.ellipse(yb - 0.9 * h, x, 0.07 * h, 0.055 * h, PERSON, skin)
     if rng.random() < 0.5:  # hair or hat
         cv.ellipse(yb - 0.93 * h, x, 0.045 * h, 0.058 * h, PERSON, _pick(rng, CLOTHES[:5]))
@@ -1020,8 +1032,8 @@ def _bicycle(cv: _Canvas, x: float, yb: float, m: float, d: int) -> tuple[float,
     tyre = _grey(rng, 0.03, 0.12)
     rear, front = (yb - r, x - d * 0.52 * m), (yb - r, x + d * 0.52 * m)
     for cy, cx in (rear, front):
-        cv.ring(cy, cx, r, max(0.06 * m, 1.0), BICYCLE, tyre)
-    tube = max(0.035 * m, 0.5)
+        _spoked_wheel(cv, cy, cx, r, BICYCLE, tyre)
+    tube = max(0.04 * m, 0.5)
     saddle = (yb - 0.95 * m, x - d * 0.2 * m)
     crank = (yb - 0.3 * m, x)
     head = (yb - 0.9 * m, x + d * 0.4 * m)
@@ -1039,8 +1051,9 @@ def _motorcycle(cv: _Canvas, x: float, yb: float, m: float, d: int) -> tuple[flo
     body = _pick(rng, CAR_COLOURS + BUS_COLOURS, 0.05)
     for cx in (x - d * 0.7 * m, x + d * 0.7 * m):
         _wheel(cv, yb - r, cx, r, MOTORCYCLE)
-    cv.ellipse(yb - 0.62 * m, x, 0.25 * m, 0.6 * m, MOTORCYCLE, _grey(rng, 0.1, 0.3))
-    cv.ellipse(yb - 0.8 * m, x + d * 0.15 * m, 0.15 * m, 0.35 * m, MOTORCYCLE, body)
+    cv.ellipse(yb - 0.62 * m, x + d * 0.05 * m, 0.3 * m, 0.65 * m, MOTORCYCLE, body)
+    cv.ellipse(yb - 0.45 * m, x - d * 0.05 * m, 0.18 * m, 0.3 * m, MOTORCYCLE, _grey(rng, 0.1, 0.3))
+    cv.ellipse(yb - 0.82 * m, x + d * 0.2 * m, 0.14 * m, 0.3 * m, MOTORCYCLE, body * 0.8)
     cv.segment((yb - r, x + d * 0.7 * m), (yb - 1.05 * m, x + d * 0.5 * m), 0.05 * m, MOTORCYCLE,
                _grey(rng, 0.3, 0.6))  # fmt: skip
     cv.rect(yb - 0.93 * m, yb - 0.83 * m, x - d * 0.45 * m, x - d * 0.05 * m, MOTORCYCLE,

@@ -1,0 +1,200 @@
+"""End to end on synthetic Cityscapes: learning happens, CIL beats fine-tuning on old classes,
+evaluation is rank-independent, and the real CLIs work under torchrun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cil_dist.config import DataConfig
+from cil_dist.data.pipeline import ShardSource, build_eval_loader
+from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
+from cil_dist.evaluate import evaluate, model_from_checkpoint
+from cil_dist.metrics import TaskSetEvaluator
+from cil_dist.precision import Precision
+from cil_dist.protocol import TaskProtocol
+from cil_dist.train import run_training
+from shards.pack import pack
+from shards.synth import generate
+from tests.helpers import free_port, run_ranks, tiny_train_config
+
+BIN = Path(sys.executable).parent
+SIZE = (128, 64)
+
+
+@pytest.fixture(scope="module")
+def learning_manifest(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("learning")
+    protocol = TaskProtocol.load("cityscapes_cil")
+    generate(root / "cityscapes", protocol, images_per_city=6, size=SIZE, seed=1)
+    pack(root / "cityscapes", str(root / "shards"), protocol, size=SIZE, samples_per_shard=8)
+    return str(root / "shards" / "manifest.json")
+
+
+@pytest.fixture(scope="module")
+def runs(learning_manifest, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("runs")
+
+    def train(name: str, stage: int, method: str, epochs: int, teacher: Path | None = None):
+        cfg = tiny_train_config(learning_manifest, out, name=name, stage=stage, method=method)
+        cfg.data.augment.crop, cfg.data.batch_size, cfg.data.num_workers = [128, 64], 8, 1
+        cfg.optim.epochs, cfg.optim.lr, cfg.precision.dtype = epochs, 2e-3, "bf16"
+        cfg.checkpoint.every_epochs, cfg.eval.after_training = 0, True
+        cfg.teacher.checkpoint = str(teacher or "")
+        return run_training(cfg)
+
+    stage1 = train("stage1", 1, "cil", 40)
+    return {
+        "stage1": stage1,
+        "cil": train("cil2", 2, "cil", 20, stage1),
+        "finetune": train("finetune2", 2, "finetune", 20, stage1),
+    }
+
+
+def miou(checkpoint: Path, task_set: str) -> float:
+    metrics = json.loads((checkpoint.parent.parent / "eval_val" / "metrics.json").read_text())
+    return metrics[task_set]["miou"]
+
+
+@pytest.mark.slow
+def test_learning_happens_and_cil_keeps_old_classes(runs):
+    assert miou(runs["stage1"], "1") > 0.45  # 5 classes: chance is far below
+    cil, finetune = miou(runs["cil"], "1"), miou(runs["finetune"], "1")
+    assert cil > finetune + 0.1 and cil > 1.8 * finetune, (cil, finetune)
+
+
+def _eval_worker(rank: int, checkpoint: Path, manifest: str, out: Path) -> None:
+    env = DistEnv.from_environment()
+    init_distributed(env)
+    try:
+        torch.save(confusion(checkpoint, manifest, env), out / f"rank{rank}.pt")
+    finally:
+        cleanup_distributed()
+
+
+def confusion(checkpoint: Path, manifest: str, env: DistEnv) -> dict[str, torch.Tensor]:
+    model, payload = model_from_checkpoint(str(checkpoint), env.device)
+    protocol = TaskProtocol.from_dict(payload["protocol"])
+    evaluator = TaskSetEvaluator(protocol, 11, ["1", "2", "12"])
+    cfg = DataConfig(manifest=manifest, resize=list(SIZE), eval_batch_size=4, num_workers=1)
+    loader = build_eval_loader(cfg, ShardSource.from_manifest(manifest, "val"), env)
+    evaluate(model, loader, evaluator, Precision("cpu", None), env)
+    return {name: m.matrix for name, m in evaluator.matrices.items()}
+
+
+@pytest.mark.slow
+def test_evaluation_over_two_ranks_equals_one(runs, learning_manifest, tmp_path):
+    run_ranks(_eval_worker, 2, runs["cil"], learning_manifest, tmp_path)
+    single = confusion(runs["cil"], learning_manifest, DistEnv())
+    assert int(single["12"].sum()) > 0
+    for rank in range(2):
+        matrices = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, matrix in single.items():
+            assert torch.equal(matrices[name], matrix), (rank, name)
+
+
+@pytest.mark.slow
+def test_cli_train_under_torchrun_then_eval_and_infer(manifest_path, synth_root, tmp_path):
+    common = [
+        f"out_dir={tmp_path}",
+        f"data.manifest={manifest_path}",
+        "data.resize=[128,64]",
+        "data.augment.crop=[96,48]",
+        "data.batch_size=2",
+        "data.num_workers=1",
+        "optim.epochs=2",
+        "checkpoint.every_epochs=1",
+    ]
+    subprocess.run(
+        [
+            BIN / "torchrun",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "cil_dist.cli",
+            "train",
+            "--config",
+            "demo_synthetic",
+            "--set",
+            *common,
+            "name=joint",
+            "stage.method=joint",
+        ],
+        check=True,
+        timeout=600,
+    )
+    run = tmp_path / "joint"
+    final = run / "checkpoints" / "final.pt"
+    assert final.is_file() and (run / "config.yaml").is_file()
+    assert (run / "tensorboard").is_dir()
+    metrics = json.loads((run / "eval_val" / "metrics.json").read_text())
+    assert set(metrics) == {"1", "2", "12", "3", "123"}
+    assert "Task 1∪2∪3" in (run / "eval_val" / "table.md").read_text()
+
+    export = tmp_path / "export"
+    subprocess.run(
+        [
+            BIN / "cil",
+            "eval",
+            "--checkpoint",
+            final,
+            "--task-sets",
+            "1",
+            "12",
+            "--out",
+            tmp_path / "eval",
+            "--export-predictions",
+            export,
+        ],
+        check=True,
+        timeout=300,
+    )
+    assert set(json.loads((tmp_path / "eval" / "metrics.json").read_text())) == {"1", "12"}
+    exported = sorted(p.name for p in export.glob("*.png"))
+    assert len(exported) == 6 and exported[0].endswith("_leftImg8bit.png")
+
+    image = next((synth_root / "leftImg8bit" / "val" / "lindau").glob("*.png"))
+    label = (
+        synth_root
+        / "gtFine"
+        / "val"
+        / "lindau"
+        / image.name.replace("leftImg8bit.png", "gtFine_labelIds.png")
+    )
+    subprocess.run(
+        [
+            BIN / "cil",
+            "infer",
+            "--checkpoint",
+            final,
+            "--image",
+            image,
+            "--ground-truth",
+            label,
+            "--output-path",
+            tmp_path / "infer",
+        ],
+        check=True,
+        timeout=300,
+    )
+    written = sorted(p.name for p in (tmp_path / "infer").iterdir())
+    stem = image.stem
+    assert written == [f"{stem}_metrics.json", f"{stem}_overlay.png", f"{stem}_segmentation.png"]
+
+
+def test_cli_reports_bad_config_keys(tmp_path):
+    result = subprocess.run(
+        [BIN / "cil", "train", "--config", "demo_synthetic", "--set", "optim.epochz=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "epochz" in result.stderr
