@@ -52,7 +52,7 @@ def read_back(manifest_url: str) -> dict[str, int]:
     return counts
 
 
-def run_chain(out: Path, epochs: int) -> dict[str, dict[str, float]]:
+def run_chain(out: Path, epochs_stage1: int, epochs: int) -> dict[str, dict[str, float]]:
     """Stage 1 → 2 → 3 (cil and finetune) and the joint baseline; returns mIoU rows."""
     from cil_dist.cli import load_train_config
     from cil_dist.train import run_training
@@ -61,11 +61,11 @@ def run_chain(out: Path, epochs: int) -> dict[str, dict[str, float]]:
     common = [
         f"out_dir={runs}",
         f"data.manifest={out / 'shards' / 'manifest.json'}",
-        f"optim.epochs={epochs}",
     ]
 
     def train(name: str, stage: int, method: str, teacher: Path | None) -> Path:
         overrides = [*common, f"name={name}", f"stage.stage={stage}", f"stage.method={method}"]
+        overrides.append(f"optim.epochs={epochs_stage1 if stage == 1 else epochs}")
         if teacher:
             overrides.append(f"teacher.checkpoint={teacher}")
         return run_training(load_train_config("demo_synthetic", overrides))
@@ -85,8 +85,44 @@ def run_chain(out: Path, epochs: int) -> dict[str, dict[str, float]]:
     ):
         metrics = json.loads((runs / run / "eval_val" / "metrics.json").read_text())
         rows[label] = {name: result["miou"] for name, result in metrics.items()}
-    del cil3, ft3, joint
+    picture(out, {"CIL": cil3, "fine-tuning": ft3, "joint": joint})
     return rows
+
+
+def picture(out: Path, checkpoints: dict[str, Path], frames: int = 3) -> Path:
+    """Image | ground truth | each method's prediction (all 19 classes) for a few val frames."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from cil_dist.evaluate import model_from_checkpoint
+    from cil_dist.metrics import upsample_logits
+    from cil_dist.visualize import colorize, label_ids_to_color, side_by_side
+
+    root = out / "cityscapes"
+    images = sorted((root / "leftImg8bit" / "val").glob("*/*_leftImg8bit.png"))[::7][:frames]
+    models = {name: model_from_checkpoint(str(path), "cpu") for name, path in checkpoints.items()}
+    cfg = DataConfig()
+    rows = []
+    for path in images:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        label = path.parent.parent.parent.parent / "gtFine" / "val" / path.parent.name
+        label = label / path.name.replace("leftImg8bit.png", "gtFine_labelIds.png")
+        row = [image, label_ids_to_color(np.asarray(Image.open(label)))]
+        tensor = (torch.from_numpy(image / 255.0).float() - torch.tensor(cfg.mean)) / torch.tensor(
+            cfg.std
+        )
+        for model, payload in models.values():
+            names = TaskProtocol.from_dict(payload["protocol"]).class_names
+            with torch.inference_mode():
+                logits = model(tensor.permute(2, 0, 1)[None])
+            logits = upsample_logits(logits, image.shape[:2])
+            row.append(colorize(logits.argmax(1)[0].numpy(), names))
+        rows.append(row)
+    grid = side_by_side(rows, ["image", "ground truth", *models])
+    target = out / "predictions.png"
+    Image.fromarray(grid).save(target)
+    return target
 
 
 def main() -> None:
@@ -94,7 +130,8 @@ def main() -> None:
     parser.add_argument("--out", default="out/demo")
     parser.add_argument("--images-per-city", type=int, default=8)
     parser.add_argument("--size", default="256x128")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs-stage1", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=25, help="epochs of the later stages")
     args = parser.parse_args()
     setup_logging(0)
     from shards.cli import parse_size
@@ -108,7 +145,7 @@ def main() -> None:
     manifest_url = str(out / "shards" / "manifest.json")
     log.info("\n%s", summary(Manifest.load(manifest_url)))
     log.info("read back: %s", read_back(manifest_url))
-    rows = run_chain(out, args.epochs)
+    rows = run_chain(out, args.epochs_stage1, args.epochs)
     table = format_paper_table(rows, TASK_SETS)
     (out / "results.md").write_text(table + "\n")
     log.info(
