@@ -4,9 +4,11 @@ Compares, at the same batch and crop, in the same run:
 - **reference style**: float32, teacher forward with autograd enabled (its graph is built and
   thrown away, as the reference did), no channels_last;
 - **this trainer, fp32**: teacher under ``torch.inference_mode()``;
-- **this trainer, default**: the same with bf16 autocast (``precision.dtype: bf16``).
+- **this trainer, bf16**: the same under bf16 autocast.
+The trainer's default (``precision.dtype: auto``) is bf16 on CPUs with native bf16 (AVX512-BF16
+or AMX) and fp32 on the others, where bf16 is emulated and several times slower.
 Each mode runs in its own process so its peak memory (max RSS) is its own. The last line is
-``ratio=X.XX`` (this trainer's default step / reference-style step, images/s).
+``ratio=X.XX`` (this trainer's default step on this CPU / reference-style step, images/s).
 
     python bench/train_step.py [--batch 6] [--crop 640x192] [--steps 4]
 """
@@ -22,13 +24,13 @@ import torch
 
 from cil_dist.losses import incremental_loss
 from cil_dist.model import ERFNet
-from cil_dist.precision import Precision
+from cil_dist.precision import Precision, resolve_dtype
 from cil_dist.teacher import teacher_forward
 
 MODES = {
     "reference (fp32, teacher with autograd)": ("reference", None),
     "this trainer, fp32": ("trainer", None),
-    "this trainer, default (bf16)": ("trainer", torch.bfloat16),
+    "this trainer, bf16": ("trainer", torch.bfloat16),
 }
 
 
@@ -83,7 +85,9 @@ def main() -> None:
     base = results[next(iter(MODES))][0]
     for name, (rate, peak) in results.items():
         print(f"{name:<42} {rate:6.2f} img/s  x{rate / base:4.2f}  peak RSS {peak:7.0f} MiB")
-    print(f"ratio={results['this trainer, default (bf16)'][0] / base:.2f}")
+    default = resolve_dtype("auto", "cpu")
+    print(f"this trainer's default here (precision.dtype auto): {default}")
+    print(f"ratio={results[f'this trainer, {default}'][0] / base:.2f}")
 
 
 if __name__ == "__main__":

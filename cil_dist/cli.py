@@ -82,28 +82,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_eval(args: argparse.Namespace) -> None:
     from cil_dist.checkpoint import load_checkpoint
-    from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
-    from cil_dist.evaluate import evaluate_checkpoint
-    from cil_dist.logs import setup_logging
+    from cil_dist.evaluate import run_evaluation
 
     payload = load_checkpoint(args.checkpoint)
     overrides = list(args.set) + ([f"data.manifest={args.manifest}"] if args.manifest else [])
     cfg = load_train_config(None, overrides, base=payload.get("config"))
-    env = DistEnv.from_environment()
-    setup_logging(env.rank)
-    init_distributed(env)
-    try:
-        evaluate_checkpoint(
-            args.checkpoint,
-            cfg,
-            env,
-            args.task_sets,
-            args.split,
-            Path(args.out) if args.out else None,
-            Path(args.export_predictions) if args.export_predictions else None,
-        )
-    finally:
-        cleanup_distributed()
+    run_evaluation(
+        args.checkpoint,
+        cfg,
+        args.task_sets,
+        args.split,
+        Path(args.out) if args.out else None,
+        Path(args.export_predictions) if args.export_predictions else None,
+    )
 
 
 if __name__ == "__main__":

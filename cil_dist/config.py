@@ -119,7 +119,9 @@ class OptimConfig:
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "bf16"  # bf16 | fp16 (CUDA, with gradient scaling) | fp32
+    # auto: bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16 or
+    # AMX), else fp16 with gradient scaling (CUDA) or fp32 (CPU) | bf16 | fp16 (CUDA) | fp32
+    dtype: str = "auto"
 
 
 @dataclass

@@ -142,3 +142,24 @@ def evaluate_checkpoint(
             results, protocol, out or Path(path).parent.parent / f"eval_{split}", Path(path).stem
         )
     return results
+
+
+def run_evaluation(
+    path: str,
+    cfg: TrainConfig,
+    task_sets: list[str] | None = None,
+    split: str = "val",
+    out: Path | None = None,
+    export: Path | None = None,
+) -> dict[str, Any]:
+    """Entry point of an evaluation in this process (plain, torchrun or a submitit task)."""
+    from cil_dist.distributed import cleanup_distributed, init_distributed
+    from cil_dist.logs import setup_logging
+
+    env = DistEnv.from_environment()
+    setup_logging(env.rank)
+    init_distributed(env)
+    try:
+        return evaluate_checkpoint(path, cfg, env, task_sets, split, out, export)
+    finally:
+        cleanup_distributed()

@@ -22,6 +22,7 @@ from cil_dist import checkpoint as ckpt
 from cil_dist.accel import require_apex
 from cil_dist.config import ConfigError, TrainConfig
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_train_loader
+from cil_dist.data.shardlist import derive_seed
 from cil_dist.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -99,6 +100,9 @@ def train_one_epoch(parts: Components, cfg: TrainConfig, env: DistEnv, writer) -
     """Train one epoch; returns loss parts averaged over all ranks and the throughput."""
     parts.student.train()
     parts.loader.set_epoch(parts.state.epoch)
+    # Dropout draws from each rank's global RNG: seeding it per (seed, epoch, rank) makes a run
+    # resumed at any epoch boundary, on any number of ranks, repeat the uninterrupted one.
+    torch.manual_seed(derive_seed("dropout", cfg.seed, parts.state.epoch, env.rank) % 2**63)
     sums = torch.zeros(3, dtype=torch.float64)
     start, images = time.perf_counter(), 0
     lr = parts.optimizer.param_groups[0]["lr"]

@@ -5,14 +5,13 @@ summarise → train stage 1, then stages 2 and 3 with the paper's method (``cil`
 fine-tuning lower bound (``finetune``) and the joint baseline → evaluate every model on the
 val split for its task sets → print and write the paper-shaped table.
 
-The stages run one after another in this process (world size 1, CPU). The chains issue moves
-this onto submitit (local executor or SLURM) with 2 ranks per stage.
+The chain is ``configs/chains/demo_synthetic.yaml`` run by submitit's local executor, 2 ranks
+(gloo, CPU) per stage — exactly what ``cil-launch submit demo_synthetic --executor local`` does.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections import Counter
@@ -23,13 +22,11 @@ from cil_dist.data.manifest import Manifest
 from cil_dist.data.pipeline import ShardSource, build_eval_loader
 from cil_dist.distributed import DistEnv
 from cil_dist.logs import setup_logging
-from cil_dist.metrics import format_paper_table
 from cil_dist.protocol import TaskProtocol
 from shards.commands import summary
 
 log = logging.getLogger("demo")
 
-TASK_SETS = ("1", "2", "12", "3", "123")
 
 
 def read_back(manifest_url: str) -> dict[str, int]:
@@ -52,41 +49,25 @@ def read_back(manifest_url: str) -> dict[str, int]:
     return counts
 
 
-def run_chain(out: Path, epochs_stage1: int, epochs: int) -> dict[str, dict[str, float]]:
-    """Stage 1 → 2 → 3 (cil and finetune) and the joint baseline; returns mIoU rows."""
-    from cil_dist.cli import load_train_config
-    from cil_dist.train import run_training
+def run_chain(out: Path, overrides: list[str], max_parallel: int) -> dict[str, Path]:
+    """The demo chain (stages 1 → 2 → 3 with cil and finetune, joint, evaluations), 2 ranks
+    per stage on submitit's local executor; returns the run folder's final checkpoints."""
+    from launch.chain import load_chain
+    from launch.report import write_report
+    from launch.submit import submit_chain
 
-    runs = out / "runs"
-    common = [
-        f"out_dir={runs}",
-        f"data.manifest={out / 'shards' / 'manifest.json'}",
-    ]
-
-    def train(name: str, stage: int, method: str, teacher: Path | None) -> Path:
-        overrides = [*common, f"name={name}", f"stage.stage={stage}", f"stage.method={method}"]
-        overrides.append(f"optim.epochs={epochs_stage1 if stage == 1 else epochs}")
-        if teacher:
-            overrides.append(f"teacher.checkpoint={teacher}")
-        return run_training(load_train_config("demo_synthetic", overrides))
-
-    stage1 = train("stage1", 1, "cil", None)
-    cil2 = train("cil_stage2", 2, "cil", stage1)
-    cil3 = train("cil_stage3", 3, "cil", cil2)
-    ft2 = train("finetune_stage2", 2, "finetune", stage1)
-    ft3 = train("finetune_stage3", 3, "finetune", ft2)
-    joint = train("joint", 3, "joint", None)
-    rows = {}
-    for label, run in (
-        ("CIL (this method)", "cil_stage3"),
-        ("fine-tuning (lower bound)", "finetune_stage3"),
-        ("joint baseline", "joint"),
-        ("stage 1 only", "stage1"),
-    ):
-        metrics = json.loads((runs / run / "eval_val" / "metrics.json").read_text())
-        rows[label] = {name: result["miou"] for name, result in metrics.items()}
-    picture(out, {"CIL": cil3, "fine-tuning": ft3, "joint": joint})
-    return rows
+    manifest = out / "shards" / "manifest.json"
+    chain = load_chain("demo_synthetic", [f"manifest={manifest}", *overrides])
+    run_dir = out / "chain"
+    chain_state = submit_chain(chain, run_dir, "local", "demo_synthetic", max_parallel)
+    failed = [r for r in chain_state.jobs.values() if r.state not in ("COMPLETED", "SKIPPED")]
+    if failed:
+        raise RuntimeError(
+            "demo chain failed: "
+            + "; ".join(f"{r.name} {r.state} {r.error} (log: {r.log})" for r in failed)
+        )
+    write_report(chain, run_dir)
+    return {name: Path(r.checkpoint) for name, r in chain_state.jobs.items() if r.kind == "train"}
 
 
 def picture(out: Path, checkpoints: dict[str, Path], frames: int = 3) -> Path:
@@ -120,7 +101,7 @@ def picture(out: Path, checkpoints: dict[str, Path], frames: int = 3) -> Path:
             row.append(colorize(logits.argmax(1)[0].numpy(), names))
         rows.append(row)
     grid = side_by_side(rows, ["image", "ground truth", *models])
-    target = out / "predictions.png"
+    target = out / "chain" / "predictions.png"
     Image.fromarray(grid).save(target)
     return target
 
@@ -130,29 +111,37 @@ def main() -> None:
     parser.add_argument("--out", default="out/demo")
     parser.add_argument("--images-per-city", type=int, default=8)
     parser.add_argument("--size", default="256x128")
-    parser.add_argument("--epochs-stage1", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=25, help="epochs of the later stages")
+    parser.add_argument("--max-parallel", type=int, default=1, help="jobs running at once")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="chain overrides")
     args = parser.parse_args()
     setup_logging(0)
     from shards.cli import parse_size
     from shards.pack import pack
     from shards.synth import generate
 
-    out, size, start = Path(args.out), parse_size(args.size), time.perf_counter()
+    out, size, start = Path(args.out).resolve(), parse_size(args.size), time.perf_counter()
     protocol = TaskProtocol.load("cityscapes_cil")
     generate(out / "cityscapes", protocol, images_per_city=args.images_per_city, size=size, seed=0)
     pack(out / "cityscapes", str(out / "shards"), protocol, size=size, samples_per_shard=8)
     manifest_url = str(out / "shards" / "manifest.json")
     log.info("\n%s", summary(Manifest.load(manifest_url)))
     log.info("read back: %s", read_back(manifest_url))
-    rows = run_chain(out, args.epochs_stage1, args.epochs)
-    table = format_paper_table(rows, TASK_SETS)
-    (out / "results.md").write_text(table + "\n")
+    checkpoints = run_chain(out, args.set, args.max_parallel)
+    target = picture(
+        out,
+        {
+            "CIL": checkpoints["cil_stage3"],
+            "fine-tuning": checkpoints["finetune_stage3"],
+            "joint": checkpoints["joint"],
+        },
+    )
+    results = out / "chain" / "results.md"
     log.info(
-        "demo finished in %.0f s; results in %s\n%s",
+        "demo finished in %.0f s; table and per-class IoU in %s, picture in %s\n%s",
         time.perf_counter() - start,
-        out / "results.md",
-        table,
+        results,
+        target,
+        results.read_text().split("\n\n## ")[0],
     )
 
 

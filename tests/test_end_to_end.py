@@ -43,7 +43,7 @@ def runs(learning_manifest, tmp_path_factory) -> dict[str, Path]:
     def train(name: str, stage: int, method: str, epochs: int, teacher: Path | None = None):
         cfg = tiny_train_config(learning_manifest, out, name=name, stage=stage, method=method)
         cfg.data.augment.crop, cfg.data.batch_size, cfg.data.num_workers = [128, 64], 8, 1
-        cfg.optim.epochs, cfg.optim.lr, cfg.precision.dtype = epochs, 2e-3, "bf16"
+        cfg.optim.epochs, cfg.optim.lr, cfg.precision.dtype = epochs, 2e-3, "auto"
         cfg.checkpoint.every_epochs, cfg.eval.after_training = 0, True
         cfg.teacher.checkpoint = str(teacher or "")
         return run_training(cfg)

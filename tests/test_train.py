@@ -134,3 +134,29 @@ def test_resume_refuses_a_checkpoint_of_another_stage(manifest_path, stage1_chec
     cfg.checkpoint.resume = str(stage1_checkpoint)
     with pytest.raises(CheckpointError, match=r"final\.pt.*\('cil', 1, 5\)"):
         run_training(cfg)
+
+
+def test_bf16_autocast_trains_on_cpu(manifest_path, tmp_path):
+    cfg = tiny_train_config(manifest_path, tmp_path, name="bf16", method="joint")
+    cfg.precision.dtype = "bf16"
+    parts = build(cfg, DistEnv())
+    batch = next(iter(parts.loader))
+    with parts.precision.autocast():
+        assert parts.student(batch["image"]).dtype == torch.bfloat16
+    before = parts.bare_student.decoder.output_conv.weight.detach().clone()
+    total, _ce, kd = train_step(parts, cfg, batch, DistEnv())
+    assert total.dtype == torch.float32 and torch.isfinite(total) and kd.item() == 0
+    assert not torch.equal(before, parts.bare_student.decoder.output_conv.weight)
+
+
+def test_auto_precision_picks_what_the_hardware_runs_natively():
+    from cil_dist.config import PrecisionConfig
+    from cil_dist.precision import build_precision, native_bf16
+
+    precision = build_precision(PrecisionConfig("auto"), DistEnv())
+    assert precision.dtype == (torch.bfloat16 if native_bf16("cpu") else None)
+    assert precision.scaler is None
+    with pytest.raises(ConfigError, match=r"precision\.dtype: fp16 needs CUDA"):
+        build_precision(PrecisionConfig("fp16"), DistEnv())
+    with pytest.raises(ConfigError, match=r"precision\.dtype: expected auto"):
+        build_precision(PrecisionConfig("int8"), DistEnv())

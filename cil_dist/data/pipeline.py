@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -160,7 +161,14 @@ def _batches(items: Iterator, size: int, partial: bool) -> Iterator[dict[str, An
 
 
 def _worker_init(_: int) -> None:
+    """One thread per worker; preemption signals are the training process's business.
+
+    SLURM signals every process of a job step; a worker that died of (or, having inherited
+    submitit's handler, acted on) SIGUSR2/SIGTERM would break the requeue of its job.
+    """
     torch.set_num_threads(1)
+    for name in ("SIGUSR2", "SIGUSR1", "SIGTERM"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class EpochLoader:

@@ -1,0 +1,202 @@
+"""A chain is a config: stages wired teacher → student, evaluations, resources.
+
+``configs/chains/*.yaml`` is merged onto :class:`ChainConfig` by OmegaConf (unknown keys and
+wrong types are rejected with their dotted key). :func:`expand` turns it into the jobs of a
+run folder: one :class:`JobSpec` per stage and per evaluation, each with its own
+:class:`~cil_dist.config.TrainConfig`, resources and dependencies.
+
+Run folder layout::
+
+    RUN_DIR/chain.yaml            the resolved chain config
+    RUN_DIR/chain.json            job ids, states, checkpoints, logs (see launch.state)
+    RUN_DIR/stages/NAME/          a stage's run folder (config.yaml, checkpoints/, tensorboard/)
+    RUN_DIR/evals/NAME/           an evaluation's metrics.json and table.md
+    RUN_DIR/status/NAME.json      what the job itself reports (attempts, result, error)
+    RUN_DIR/submitit/             submitit's pickles and logs (%j_%t_log.out / .err)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from cil_dist import checkpoint as ckpt
+from cil_dist import storage
+from cil_dist.config import ConfigError, TrainConfig, merge
+
+
+@dataclass
+class Resources:
+    """What one job asks SLURM for (the local executor uses ``tasks_per_node`` only)."""
+
+    nodes: int = 1
+    tasks_per_node: int = 1  # ranks per node: one per GPU on a GPU cluster
+    gpus_per_node: int = 0  # 0 = CPU job (gloo); else must equal tasks_per_node (nccl)
+    cpus_per_task: int = 1
+    mem_gb: float = 0.0  # 0 = the partition's default
+    timeout_min: int = 60
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    max_requeues: int = 3  # preemptions/time-outs a job survives (submitit's max_num_timeout)
+    signal_delay_s: int = 120  # SLURM sends USR2 this long before the time limit
+    setup: list[str] = field(default_factory=list)  # shell lines before the job (module load …)
+    sbatch: dict[str, Any] = field(default_factory=dict)  # any other sbatch option
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass
+class StageSpec:
+    """One training stage of the chain."""
+
+    method: str = "cil"  # cil | finetune | joint
+    stage: int = 1  # protocol stage (ignored by joint)
+    teacher: str = ""  # stage whose final checkpoint teaches (cil) or initialises (finetune)
+    epochs: int = 0  # 0: the train config's optim.epochs
+    overrides: list[str] = field(default_factory=list)  # key=value onto the train config
+    resources: dict[str, Any] = field(default_factory=dict)  # onto the chain's resources
+
+
+@dataclass
+class EvalSpec:
+    """An evaluation of a stage's final checkpoint, run after that stage."""
+
+    stage: str = ""
+    task_sets: list[str] = field(default_factory=list)  # default: every set the model covers
+    split: str = "val"
+    export_predictions: bool = False
+    resources: dict[str, Any] = field(default_factory=dict)  # onto eval_resources
+
+
+@dataclass
+class ChainConfig:
+    name: str = "chain"
+    train_config: str = "paper_stage1"  # base train config of every stage (name or YAML)
+    tasks: str = "cityscapes_cil"  # task protocol (name or YAML)
+    manifest: str = ""  # shards manifest (path or URL); overrides the train config's
+    overrides: list[str] = field(default_factory=list)  # key=value for every stage
+    resources: Resources = field(default_factory=Resources)
+    eval_resources: dict[str, Any] = field(default_factory=dict)  # onto resources, for evals
+    stages: dict[str, StageSpec] = field(default_factory=dict)
+    evaluations: dict[str, EvalSpec] = field(default_factory=dict)
+    report: dict[str, str] = field(default_factory=dict)  # table row label -> evaluation
+
+
+@dataclass
+class JobSpec:
+    """One submitit job of a chain: a training stage or an evaluation."""
+
+    name: str
+    kind: str  # "train" | "eval"
+    train: TrainConfig
+    resources: Resources
+    depends_on: list[str]
+    checkpoint: str  # train: the final checkpoint it writes; eval: the one it reads
+    out_dir: str  # stage run folder, or evaluation folder
+    task_sets: list[str] = field(default_factory=list)
+    split: str = "val"
+    export_predictions: bool = False
+
+
+def load_chain(path: str | Path, overrides: list[str] | None = None) -> ChainConfig:
+    """Load a chain YAML (shipped name or file) with ``key=value`` overrides."""
+    import configs
+
+    found = configs.find("chains", str(path))
+    return merge(ChainConfig, str(found), overrides=overrides, where=str(found))
+
+
+def chain_to_yaml(chain: ChainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(chain))
+
+
+def resources_of(base: Resources, *layers: dict[str, Any], where: str) -> Resources:
+    """``base`` with the keys of ``layers`` on top (unknown keys name ``where``)."""
+    return merge(Resources, OmegaConf.structured(base), *layers, where=where)
+
+
+def stage_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / "stages" / name
+
+
+def eval_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / "evals" / name
+
+
+def stage_train_config(chain: ChainConfig, name: str, run_dir: Path) -> TrainConfig:
+    """The train config of stage ``name``: base config + chain wiring + overrides."""
+    from cil_dist.cli import load_train_config
+
+    spec = chain.stages[name]
+    teacher = ckpt.final_path(stage_dir(run_dir, spec.teacher)) if spec.teacher else "''"
+    wiring = [
+        f"name={name}",
+        f"out_dir={run_dir / 'stages'}",
+        f"stage.tasks={chain.tasks}",
+        f"stage.method={spec.method}",
+        f"stage.stage={spec.stage}",
+        f"teacher.checkpoint={teacher}",
+        "checkpoint.resume=auto",
+        "eval.after_training=false",
+    ]
+    if chain.manifest:
+        manifest = chain.manifest
+        if storage.is_local(manifest):  # jobs may start in another folder
+            manifest = str(Path(storage.local_path(manifest)).resolve())
+        wiring.append(f"data.manifest={manifest}")
+    if spec.epochs:
+        wiring.append(f"optim.epochs={spec.epochs}")
+    where_overrides = [*wiring, *chain.overrides, *spec.overrides]
+    try:
+        return load_train_config(chain.train_config, where_overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"stages.{name}: {exc}") from exc
+
+
+def expand(chain: ChainConfig, run_dir: Path) -> dict[str, JobSpec]:
+    """Every job of the chain, stages first, in the order of the config."""
+    jobs: dict[str, JobSpec] = {}
+    for name, spec in chain.stages.items():
+        train = stage_train_config(chain, name, run_dir)
+        jobs[name] = JobSpec(
+            name=name,
+            kind="train",
+            train=train,
+            resources=resources_of(chain.resources, spec.resources, where=f"stages.{name}"),
+            depends_on=[spec.teacher] if spec.teacher else [],
+            checkpoint=str(ckpt.final_path(stage_dir(run_dir, name))),
+            out_dir=str(stage_dir(run_dir, name)),
+        )
+    for name, spec in chain.evaluations.items():
+        if name in jobs:
+            raise ConfigError(f"evaluations.{name}: a stage has the same name; rename one")
+        if spec.stage not in chain.stages:
+            raise ConfigError(
+                f"evaluations.{name}.stage: {spec.stage!r} is not a stage "
+                f"(stages: {', '.join(chain.stages)})"
+            )
+        jobs[name] = JobSpec(
+            name=name,
+            kind="eval",
+            train=jobs[spec.stage].train,
+            resources=resources_of(
+                chain.resources,
+                chain.eval_resources,
+                spec.resources,
+                where=f"evaluations.{name}",
+            ),
+            depends_on=[spec.stage],
+            checkpoint=jobs[spec.stage].checkpoint,
+            out_dir=str(eval_dir(run_dir, name)),
+            task_sets=[str(t) for t in spec.task_sets],
+            split=spec.split,
+            export_predictions=spec.export_predictions,
+        )
+    return jobs

@@ -1,0 +1,98 @@
+"""The callables submitit runs: one per task (rank) of a stage or evaluation job.
+
+Each sets up torch.distributed from submitit's job environment (rank, world size, local rank
+and master address from SLURM or the local executor), then calls the trainer or the evaluator.
+They are :class:`submitit.helpers.Checkpointable`: on preemption or time-out, rank 0 requeues
+the same call, and the trainer resumes from the run folder's latest checkpoint (written every
+``checkpoint.every_epochs``), so no finished epoch is redone.
+
+submitit pickles these by reference: this module must be importable inside the job (it is,
+once the project is installed — ``make setup`` / ``pip install``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import submitit
+
+from launch import state
+from launch.chain import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+def export_distributed_env() -> tuple[int, int, str]:
+    """Export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from submitit's job.
+
+    Returns (rank, world size, job id).
+    """
+    logging.getLogger("submitit").propagate = False  # it has its own handler
+    job = submitit.JobEnvironment()
+    if job.num_tasks > 1:
+        # Keep every GPU visible: DistEnv picks cuda:LOCAL_RANK itself.
+        submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=False, overwrite=True
+        )
+    return job.global_rank, job.num_tasks, str(job.job_id)
+
+
+class ChainJob(submitit.helpers.Checkpointable):
+    """A job of a chain: records its attempts and outcome in ``RUN_DIR/status/NAME.json``."""
+
+    def __init__(self, spec: JobSpec, run_dir: str):
+        self.spec = spec
+        self.run_dir = run_dir
+
+    def __call__(self) -> str:
+        rank, world_size, job_id = export_distributed_env()
+        if rank == 0:
+            attempt = state.job_started(self.run_dir, self.spec.name, job_id, world_size)
+            log.info("%s %s: attempt %d (job %s)", self.spec.kind, self.spec.name, attempt, job_id)
+        try:
+            result = self.run()
+        except Exception as exc:
+            if rank == 0:
+                state.job_failed(self.run_dir, self.spec.name, exc)
+            raise
+        if rank == 0:
+            state.job_finished(self.run_dir, self.spec.name, result)
+        return result
+
+    def run(self) -> str:
+        raise NotImplementedError
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on rank 0 when SLURM signals preemption or the time limit."""
+        state.write_status(self.run_dir, self.spec.name, state=state.PENDING, preempted=True)
+        log.warning("%s: preempted; requeueing (resumes from its last checkpoint)", self.spec.name)
+        return super().checkpoint(*args, **kwargs)
+
+
+class TrainJob(ChainJob):
+    def run(self) -> str:
+        from cil_dist.train import run_training
+
+        return str(run_training(self.spec.train))
+
+
+class EvalJob(ChainJob):
+    def run(self) -> str:
+        from cil_dist.evaluate import run_evaluation
+
+        spec = self.spec
+        out = Path(spec.out_dir)
+        run_evaluation(
+            spec.checkpoint,
+            spec.train,
+            spec.task_sets or None,
+            spec.split,
+            out,
+            out / "predictions" if spec.export_predictions else None,
+        )
+        return str(out / "metrics.json")
+
+
+def job_for(spec: JobSpec, run_dir: Path) -> ChainJob:
+    return (TrainJob if spec.kind == "train" else EvalJob)(spec, str(run_dir))

@@ -1,0 +1,262 @@
+"""Check a whole chain before anything is queued, and report every problem at once.
+
+Checked: the train config of every stage builds; the teacher wiring (exists, no cycles, one
+stage back, class counts agree); the shards (manifest readable, the splits each job reads are
+in it, shard files present); the evaluations' task sets; the report rows; the resources (and on
+SLURM, ``sbatch --test-only`` asks the controller whether each job could ever run); and that
+the run folder is writable.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from cil_dist import storage
+from cil_dist.config import ConfigError
+from cil_dist.data.manifest import Manifest, ManifestError
+from cil_dist.protocol import ProtocolError, TaskProtocol
+from cil_dist.stage import METHODS, StagePlan, plan_stage
+from launch.chain import (
+    ChainConfig,
+    JobSpec,
+    Resources,
+    expand,
+    resources_of,
+    stage_train_config,
+)
+
+
+class ChainError(ValueError):
+    """The chain cannot run; ``problems`` lists every reason."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s), nothing submitted:\n{lines}")
+
+
+def teacher_problems(chain: ChainConfig) -> list[str]:
+    problems = []
+    for name, spec in chain.stages.items():
+        where = f"stages.{name}"
+        if spec.method not in METHODS:
+            problems.append(f"{where}.method: {spec.method!r} is not one of {METHODS}")
+        if spec.teacher and spec.teacher not in chain.stages:
+            problems.append(f"{where}.teacher: {spec.teacher!r} is not a stage of the chain")
+        elif spec.method == "joint" and spec.teacher:
+            problems.append(f"{where}.teacher: the joint baseline trains without a teacher")
+        elif spec.method != "joint" and spec.stage > 1 and not spec.teacher:
+            problems.append(f"{where}.teacher: stage {spec.stage} needs the stage it continues")
+        elif spec.method != "joint" and spec.stage == 1 and spec.teacher:
+            problems.append(f"{where}.teacher: stage 1 has no previous stage")
+        seen, current = {name}, spec.teacher
+        while current in chain.stages:
+            if current in seen:
+                problems.append(f"{where}.teacher: the teacher chain loops back to {current!r}")
+                break
+            seen.add(current)
+            current = chain.stages[current].teacher
+    return problems
+
+
+def plans_of(chain: ChainConfig, run_dir: Path, problems: list[str]) -> dict[str, StagePlan]:
+    """Each stage's plan; stages whose wiring is already reported are left out."""
+    plans = {}
+    reported = {p.split(".")[1].split(":")[0] for p in problems if p.startswith("stages.")}
+    try:
+        protocol = TaskProtocol.load(chain.tasks)
+    except (ProtocolError, FileNotFoundError) as exc:
+        problems.append(f"tasks: {exc}")
+        return plans
+    for name in chain.stages:
+        if name in reported:
+            continue
+        try:
+            cfg = stage_train_config(chain, name, run_dir)
+            cfg.data.validate()
+            plans[name] = plan_stage(cfg, protocol)
+        except (ConfigError, FileNotFoundError) as exc:
+            problems.append(f"stages.{name}: {exc}")
+    for name, spec in chain.stages.items():
+        teacher = spec.teacher
+        if name in plans and teacher in plans and plans[name].uses_previous:
+            have, need = plans[teacher].num_classes, plans[name].num_old_classes
+            if have != need or plans[teacher].method == "joint":
+                problems.append(
+                    f"stages.{name}.teacher: {teacher!r} ({plans[teacher].method}, stage "
+                    f"{plans[teacher].stage}) has {have} classes; stage {spec.stage} needs a "
+                    f"teacher with the {need} classes of tasks < {spec.stage}"
+                )
+    return plans
+
+
+def data_problems(jobs: dict[str, JobSpec], plans: dict[str, StagePlan]) -> list[str]:
+    """Manifests readable, the splits each job needs present, local shard files in place."""
+    problems, manifests = [], {}
+    for name, job in jobs.items():
+        url = job.train.data.manifest
+        if not url:
+            continue  # shard URLs without a manifest: nothing to check up front
+        if url not in manifests:
+            try:
+                manifests[url] = Manifest.load(url)
+            except (ManifestError, OSError) as exc:
+                manifests[url] = None
+                problems.append(f"{name}: data.manifest: {exc}")
+                continue
+            problems += shard_file_problems(url, manifests[url])
+        manifest = manifests[url]
+        if manifest is None:
+            continue
+        plan = plans.get(job.name if job.kind == "train" else job.depends_on[0])
+        needed = list(plan.splits) if plan and job.kind == "train" else []
+        needed += [job.split] if job.kind == "eval" else []
+        for split in needed:
+            if split not in manifest.splits:
+                problems.append(
+                    f"{name}: split {split!r} is not in {url} (it has {', '.join(manifest.splits)})"
+                )
+        if job.kind == "train" and needed and all(s in manifest.splits for s in needed):
+            samples = sum(manifest.splits[s].samples for s in needed)
+            per_step = job.resources.world_size * job.train.data.batch_size
+            if samples < per_step:
+                problems.append(
+                    f"{name}: data.batch_size: {samples} training samples, fewer than "
+                    f"{job.resources.world_size} ranks × batch {job.train.data.batch_size}"
+                )
+    return problems
+
+
+def shard_file_problems(url: str, manifest: Manifest) -> list[str]:
+    missing = []
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            target = storage.join(storage.parent(url), shard.file)
+            if storage.is_local(target) and not Path(storage.local_path(target)).is_file():
+                missing.append(shard.file)
+    if not missing:
+        return []
+    return [f"data.manifest: {url} lists {len(missing)} missing shard(s): {', '.join(missing[:5])}"]
+
+
+def eval_problems(chain: ChainConfig, plans: dict[str, StagePlan]) -> list[str]:
+    problems = []
+    for name, spec in chain.evaluations.items():
+        plan = plans.get(spec.stage)
+        if plan is None:
+            if spec.stage not in chain.stages:
+                problems.append(f"evaluations.{name}.stage: {spec.stage!r} is not a stage")
+            continue
+        for task_set in map(str, spec.task_sets):
+            if task_set not in plan.protocol.eval_task_sets:
+                known = ", ".join(plan.protocol.eval_task_sets)
+                problems.append(
+                    f"evaluations.{name}.task_sets: {task_set!r} is not a task set ({known})"
+                )
+            elif task_set not in plan.task_sets:
+                problems.append(
+                    f"evaluations.{name}.task_sets: {task_set!r} needs classes that stage "
+                    f"{spec.stage!r} ({plan.num_classes} classes) does not have"
+                )
+    for label, evaluation in chain.report.items():
+        if evaluation not in chain.evaluations:
+            problems.append(f"report.{label}: {evaluation!r} is not an evaluation")
+    return problems
+
+
+def resource_problems(name: str, res: Resources, executor: str) -> list[str]:
+    where, problems = f"{name}.resources", []
+    if res.nodes < 1 or res.tasks_per_node < 1 or res.cpus_per_task < 1:
+        problems.append(f"{where}: nodes, tasks_per_node and cpus_per_task must be >= 1")
+    if res.gpus_per_node not in (0, res.tasks_per_node):
+        problems.append(
+            f"{where}.gpus_per_node: {res.gpus_per_node} GPUs for {res.tasks_per_node} tasks "
+            "per node; the trainer runs one rank per GPU (set them equal, or 0 for CPU)"
+        )
+    if res.timeout_min < 1 or res.max_requeues < 0:
+        problems.append(f"{where}: timeout_min must be >= 1 and max_requeues >= 0")
+    if executor == "local" and res.nodes != 1:
+        problems.append(f"{where}.nodes: the local executor runs on one node, not {res.nodes}")
+    if executor == "local" and res.gpus_per_node:
+        import torch
+
+        if res.gpus_per_node > torch.cuda.device_count():
+            problems.append(
+                f"{where}.gpus_per_node: {res.gpus_per_node} GPUs asked, "
+                f"{torch.cuda.device_count()} here"
+            )
+    return problems
+
+
+def sbatch_test_only(name: str, res: Resources) -> list[str]:
+    """Ask the SLURM controller whether this job could ever start (nothing is queued)."""
+    from launch.executors import sbatch_options
+
+    if not shutil.which("sbatch"):
+        return ["executor slurm: `sbatch` is not on PATH (run on a cluster login node)"]
+    args = ["sbatch", "--test-only", "--wrap", "true"]
+    for key, value in sbatch_options(res).items():
+        args.append(f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}"))
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        reason = (done.stderr or done.stdout).strip().splitlines()
+        return [f"{name}.resources: SLURM refuses the job: {reason[-1] if reason else '?'}"]
+    return []
+
+
+def writable_problems(run_dir: Path) -> list[str]:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test"):
+            pass
+    except OSError as exc:
+        return [f"--out {run_dir}: not writable ({exc})"]
+    return []
+
+
+def job_resources(chain: ChainConfig, problems: list[str]) -> dict[str, Resources]:
+    """Every job's resources (chain defaults, eval defaults, its own keys on top)."""
+    found = {}
+    for kind, specs, layers in (
+        ("stages", chain.stages, []),
+        ("evaluations", chain.evaluations, [chain.eval_resources]),
+    ):
+        for name, spec in specs.items():
+            try:
+                found[f"{kind}.{name}"] = resources_of(
+                    chain.resources, *layers, spec.resources, where=f"{kind}.{name}.resources"
+                )
+            except ConfigError as exc:
+                problems.append(str(exc))
+    return found
+
+
+def validate_chain(
+    chain: ChainConfig, run_dir: Path, executor: str, source: str = "chain"
+) -> dict[str, JobSpec]:
+    """The chain's jobs, or :class:`ChainError` listing every problem found."""
+    problems = [] if chain.stages else ["stages: the chain has no stages"]
+    problems += teacher_problems(chain)
+    plans = plans_of(chain, run_dir, problems)
+    jobs: dict[str, JobSpec] = {}
+    if not problems:
+        try:
+            jobs = expand(chain, run_dir)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    problems += eval_problems(chain, plans)
+    problems += data_problems(jobs, plans)
+    checked: set[str] = set()
+    for name, resources in job_resources(chain, problems).items():
+        problems += resource_problems(name, resources, executor)
+        key = repr(resources)
+        if executor == "slurm" and key not in checked:
+            checked.add(key)
+            problems += sbatch_test_only(name, resources)
+    problems += writable_problems(run_dir)
+    if problems:
+        raise ChainError(source, problems)
+    return jobs

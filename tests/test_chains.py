@@ -1,0 +1,176 @@
+"""Chains without a cluster: config wiring, validation, and a real 2-rank local-executor run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import state as st
+from launch.chain import expand, load_chain
+from launch.cli import main as launch_main
+from launch.submit import pid_alive, submit_chain
+from launch.validate import ChainError, validate_chain
+from tests.chains import corrupt_copy, final_weights, write_chain
+
+THREE_STAGES = {
+    "s1": {"method": "cil", "stage": 1},
+    "s2": {"method": "cil", "stage": 2, "teacher": "s1"},
+    "s3": {"method": "cil", "stage": 3, "teacher": "s2"},
+}
+
+
+def test_shipped_chains_expand_with_teacher_wiring(tmp_path):
+    for name in ("cityscapes_cil", "demo_synthetic"):
+        chain = load_chain(name)
+        jobs = expand(chain, tmp_path)
+        for stage, spec in chain.stages.items():
+            teacher = jobs[stage].train.teacher.checkpoint
+            if spec.teacher:
+                assert teacher == jobs[spec.teacher].checkpoint
+                assert jobs[stage].depends_on == [spec.teacher]
+            else:
+                assert teacher == ""
+            assert not jobs[stage].train.eval.after_training
+            assert jobs[stage].train.out_dir == str(tmp_path / "stages")
+        for evaluation, spec in chain.evaluations.items():
+            assert jobs[evaluation].depends_on == [spec.stage]
+            assert jobs[evaluation].checkpoint == jobs[spec.stage].checkpoint
+    paper = expand(load_chain("cityscapes_cil"), tmp_path)
+    assert paper["joint"].resources.nodes == 2  # a stage's resources override the chain's
+    assert paper["cil_stage2"].resources.gpus_per_node == 4
+    assert paper["eval_cil"].resources.timeout_min == 60  # eval_resources
+    assert paper["cil_stage3"].train.optim.epochs == 200
+
+
+def test_invalid_chain_lists_every_problem_before_anything_runs(tmp_path, manifest_path):
+    stages = {
+        "s1": {"method": "cil", "stage": 1},
+        "s2": {"method": "cil", "stage": 2},  # no teacher
+        "s3": {"method": "cil", "stage": 3, "teacher": "s1"},  # teacher has 5 classes, not 12
+        "j": {"method": "joint", "teacher": "s1"},
+        "x": {"method": "distill", "stage": 2, "teacher": "nope"},
+    }
+    path = write_chain(
+        tmp_path,
+        manifest_path,
+        stages,
+        evaluations={"e": {"stage": "s1", "task_sets": ["12", "7"]}},
+        report={"row": "missing"},
+    )
+    chain = load_chain(str(path), ["resources.gpus_per_node=3", "resources.nodes=2"])
+    with pytest.raises(ChainError) as caught:
+        validate_chain(chain, tmp_path / "run", "local", str(path))
+    text = str(caught.value)
+    for expected in (
+        "stages.s2.teacher: stage 2 needs",
+        "stages.s3.teacher: 's1' (cil, stage 1) has 5 classes; stage 3 needs a teacher with the 11",
+        "stages.j.teacher: the joint baseline trains without a teacher",
+        "stages.x.method: 'distill'",
+        "stages.x.teacher: 'nope' is not a stage",
+        "evaluations.e.task_sets: '12' needs classes",
+        "evaluations.e.task_sets: '7' is not a task set",
+        "report.row: 'missing' is not an evaluation",
+        "gpus_per_node: 3 GPUs for 2 tasks",
+        "the local executor runs on one node, not 2",
+    ):
+        assert expected in text, f"{expected!r} not in:\n{text}"
+    assert not (tmp_path / "run" / "chain.json").exists()
+
+
+def test_missing_shards_and_unwritable_output_are_reported(tmp_path, manifest_path):
+    path = write_chain(tmp_path, manifest_path, {"s1": {"method": "cil", "stage": 1}})
+    chain = load_chain(str(path), [f"manifest={tmp_path / 'nowhere' / 'manifest.json'}"])
+    with pytest.raises(ChainError, match=r"s1: data.batch_size: 8 training samples, fewer than 2"):
+        validate_chain(load_chain(str(path), ["overrides=[data.batch_size=5]"]), tmp_path, "local")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ChainError) as caught:
+        validate_chain(chain, blocker / "run", "local")
+    assert "nowhere/manifest.json" in str(caught.value)
+    assert "not writable" in str(caught.value)
+
+
+@pytest.mark.slow
+def test_local_chain_runs_two_ranks_in_order_and_resumes(tmp_path, manifest_path):
+    stages = {key: THREE_STAGES[key] for key in ("s1", "s2")}
+    path = write_chain(
+        tmp_path,
+        manifest_path,
+        stages,
+        evaluations={"e2": {"stage": "s2", "task_sets": ["1", "2", "12"]}},
+        report={"CIL": "e2"},
+    )
+    run = tmp_path / "run"
+    assert launch_main(["submit", str(path), "--executor", "local", "--out", str(run)]) == 0
+    chain = json.loads((run / "chain.json").read_text())
+    assert {n: j["state"] for n, j in chain["jobs"].items()} == dict.fromkeys(
+        ("s1", "s2", "e2"), "COMPLETED"
+    )
+    status = {n: st.read_status(run, n) for n in ("s1", "s2", "e2")}
+    assert all(s["world_size"] == 2 for s in status.values())
+    assert status["s1"]["finished"] <= status["s2"]["started"]  # dependency order
+    s2_config = (run / "stages" / "s2" / "config.yaml").read_text()
+    assert f"checkpoint: {run / 'stages' / 's1' / 'checkpoints' / 'final.pt'}" in s2_config
+    metrics = json.loads((run / "evals" / "e2" / "metrics.json").read_text())
+    assert set(metrics) == {"1", "2", "12"}
+    assert "| CIL |" in (run / "results.md").read_text()
+
+    # Re-submitting skips every finished job (checkpoints verify) and changes nothing.
+    before = final_weights(run, "s2")
+    again = submit_chain(load_chain(str(path)), run, "local")
+    assert {r.state for r in again.jobs.values()} == {st.SKIPPED}
+    after = final_weights(run, "s2")
+    assert all((before[k] == after[k]).all() for k in before)
+
+    # An unfinished job (here: its output deleted) runs again; the finished ones stay skipped.
+    (run / "evals" / "e2" / "metrics.json").unlink()
+    again = submit_chain(load_chain(str(path)), run, "local")
+    assert {n: r.state for n, r in again.jobs.items()} == {
+        "s1": "SKIPPED",
+        "s2": "SKIPPED",
+        "e2": "COMPLETED",
+    }
+    assert (run / "evals" / "e2" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_local_failure_cancels_dependents_and_status_names_the_log(
+    tmp_path, shard_dir: Path, manifest_path
+):
+    broken = corrupt_copy(shard_dir, manifest_path, tmp_path / "shards", "task2/")
+    path = write_chain(tmp_path, broken, THREE_STAGES, evaluations={"e3": {"stage": "s3"}})
+    run = tmp_path / "run"
+    assert launch_main(["submit", str(path), "--executor", "local", "--out", str(run)]) == 1
+    states = {n: r.state for n, r in st.ChainState.load(run).jobs.items()}
+    assert states == {"s1": "COMPLETED", "s2": "FAILED", "s3": "CANCELLED", "e3": "CANCELLED"}
+    record = st.ChainState.load(run).jobs["s2"]
+    assert "task2" in record.error and "sha256" in record.error.lower()
+    assert Path(record.log).is_file()
+    assert launch_main(["status", str(run)]) == 1
+
+
+@pytest.mark.slow
+def test_local_cancel_stops_the_driver_and_its_jobs(tmp_path, manifest_path):
+    path = write_chain(
+        tmp_path, manifest_path, {k: THREE_STAGES[k] for k in ("s1", "s2")}, epochs=500
+    )
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "launch.cli", "submit", str(path), "--out", str(run)]
+    driver = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while st.read_status(run, "s1").get("state") != "RUNNING":
+        assert time.monotonic() < deadline and driver.poll() is None, "s1 never started"
+        time.sleep(0.2)
+    job_pid = st.read_status(run, "s1")["pid"]
+    assert launch_main(["cancel", str(run)]) == 0
+    assert driver.wait(timeout=60) == 130
+    states = {n: r.state for n, r in st.ChainState.load(run).jobs.items()}
+    assert states == {"s1": "CANCELLED", "s2": "CANCELLED"}
+    while time.monotonic() < deadline and pid_alive(str(job_pid)):
+        time.sleep(0.2)
+    assert not pid_alive(str(job_pid)), "the stage's rank 0 survived the cancel"

@@ -1,0 +1,168 @@
+"""Chains on a real single-node SLURM cluster on 127.0.0.1 (slurmctld, slurmd, slurmdbd).
+
+The session fixture starts the cluster with ``launch/slurm/local_cluster.sh`` (installing
+the Debian packages if they are missing) and stops it afterwards — unless it was already
+running, in which case it is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from launch import state as st
+from launch.chain import load_chain
+from launch.cli import main as launch_main
+from launch.executors import submitit_folder
+from launch.submit import sacct_states, submit_chain, wait_for_chain
+from launch.validate import ChainError
+from tests.chains import cluster, cluster_running, corrupt_copy, final_weights, write_chain
+from tests.test_chains import THREE_STAGES
+
+pytestmark = pytest.mark.slow
+
+CONF = os.environ.get("CIL_SLURM_DIR", "/tmp/cil-slurm") + "/etc/slurm.conf"
+CHAIN_TIMEOUT_S = 480
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running cluster; SLURM_CONF points the clients (sbatch, sacct, submitit) at it."""
+    was_running = cluster_running(CONF)
+    if not was_running:
+        started = cluster("start")
+        assert started.returncode == 0, f"local SLURM cluster did not start:\n{started.stderr}"
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = CONF
+    yield CONF
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+    if not was_running:
+        cluster("stop")
+
+
+def all_job_ids() -> set[str]:
+    done = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "-a"], capture_output=True)
+    return set(done.stdout.decode().split())
+
+
+def job_times(job_id: str) -> tuple[str, str]:
+    done = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "Start,End", "-j", job_id], capture_output=True, text=True
+    )
+    start, end = done.stdout.strip().splitlines()[0].split("|")
+    return start, end
+
+
+def test_three_stage_chain_runs_in_dependency_order_with_teachers(slurm, tmp_path, manifest_path):
+    path = write_chain(
+        tmp_path,
+        manifest_path,
+        THREE_STAGES,
+        evaluations={"e3": {"stage": "s3", "task_sets": ["1", "123"]}},
+        report={"CIL": "e3"},
+    )
+    run = tmp_path / "run"
+    chain_state = submit_chain(load_chain(str(path)), run, "slurm")
+    ids = {name: record.job_id for name, record in chain_state.jobs.items()}
+    assert len(set(ids.values())) == 4
+    final = wait_for_chain(run, poll_s=2, timeout_s=CHAIN_TIMEOUT_S)
+    assert {n: r.state for n, r in final.jobs.items()} == dict.fromkeys(ids, "COMPLETED")
+    assert sacct_states(list(ids.values())) == dict.fromkeys(ids.values(), "COMPLETED")
+    times = {name: job_times(job_id) for name, job_id in ids.items()}
+    assert times["s1"][1] <= times["s2"][0] and times["s2"][1] <= times["s3"][0]
+    assert times["s3"][1] <= times["e3"][0]
+    for stage, teacher in (("s2", "s1"), ("s3", "s2")):
+        config = (run / "stages" / stage / "config.yaml").read_text()
+        assert str(run / "stages" / teacher / "checkpoints" / "final.pt") in config
+        status = st.read_status(run, stage)
+        assert status["world_size"] == 2 and status["attempts"] == 1
+    assert Path(final.jobs["s3"].log).is_file()
+    assert set(json.loads((run / "evals" / "e3" / "metrics.json").read_text())) == {"1", "123"}
+
+
+def test_preempted_job_requeues_resumes_and_matches_uninterrupted(slurm, tmp_path, manifest_path):
+    stages = {"s1": {"method": "cil", "stage": 1}}
+    chains = {}
+    for name in ("interrupted", "uninterrupted"):
+        path = write_chain(tmp_path / name, manifest_path, stages, epochs=12)
+        chains[name] = submit_chain(load_chain(str(path)), tmp_path / name / "run", "slurm")
+    run = tmp_path / "interrupted" / "run"
+    checkpoints = run / "stages" / "s1" / "checkpoints"
+    deadline = time.monotonic() + CHAIN_TIMEOUT_S
+    while not list(checkpoints.glob("epoch_*.pt")):
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.2)
+    job_id = chains["interrupted"].jobs["s1"].job_id
+    submitit.SlurmJob(submitit_folder(run), job_id)._interrupt()  # SIGTERM, then USR2
+    for name in chains:
+        final = wait_for_chain(tmp_path / name / "run", poll_s=2, timeout_s=CHAIN_TIMEOUT_S)
+        assert final.jobs["s1"].state == st.COMPLETED, final.jobs["s1"]
+    status = st.read_status(run, "s1")
+    assert status["attempts"] == 2 and status.get("preempted")
+    log = Path(chains["interrupted"].jobs["s1"].log).read_text()
+    assert "resumed from" in log and "epoch_" in log
+    resumed_at = int(log.split("resumed from")[1].split("at epoch ")[1].split(",")[0])
+    assert 1 <= resumed_at < 12  # finished epochs were not redone
+    interrupted = final_weights(run, "s1")
+    uninterrupted = final_weights(tmp_path / "uninterrupted" / "run", "s1")
+    assert interrupted.keys() == uninterrupted.keys()
+    for key in interrupted:
+        assert (interrupted[key] == uninterrupted[key]).all(), key
+
+
+def test_failing_stage_cancels_dependents_and_status_reports_it(
+    slurm, tmp_path, shard_dir: Path, manifest_path
+):
+    broken = corrupt_copy(shard_dir, manifest_path, tmp_path / "shards", "task2/")
+    path = write_chain(tmp_path, broken, THREE_STAGES, evaluations={"e3": {"stage": "s3"}})
+    run = tmp_path / "run"
+    submit_chain(load_chain(str(path)), run, "slurm")
+    final = wait_for_chain(run, poll_s=2, timeout_s=CHAIN_TIMEOUT_S)
+    states = {n: r.state for n, r in final.jobs.items()}
+    assert states == {"s1": "COMPLETED", "s2": "FAILED", "s3": "CANCELLED", "e3": "CANCELLED"}
+    assert "task2" in final.jobs["s2"].error and "sha256" in final.jobs["s2"].error.lower()
+    assert Path(final.jobs["s2"].log).is_file()
+    assert launch_main(["status", str(run)]) == 1
+    ids = [final.jobs[n].job_id for n in ("s3", "e3")]
+    assert set(sacct_states(ids).values()) == {"CANCELLED"}
+
+
+def test_invalid_chain_is_refused_before_any_job_is_queued(slurm, tmp_path, manifest_path):
+    stages = {
+        "s1": {"method": "cil", "stage": 1, "resources": {"nodes": 3}},  # the cluster has 1 node
+        "s2": {"method": "cil", "stage": 2, "teacher": "ghost"},
+    }
+    path = write_chain(tmp_path, manifest_path, stages)
+    before = all_job_ids()
+    with pytest.raises(ChainError) as caught:
+        submit_chain(load_chain(str(path)), tmp_path / "run", "slurm")
+    assert "stages.s1.resources: SLURM refuses the job" in str(caught.value)
+    assert "stages.s2.teacher: 'ghost' is not a stage" in str(caught.value)
+    assert all_job_ids() == before
+    assert not (tmp_path / "run" / "chain.json").exists()
+
+
+def test_cancel_stops_every_queued_and_running_job(slurm, tmp_path, manifest_path):
+    stages = {key: THREE_STAGES[key] for key in ("s1", "s2")}
+    path = write_chain(tmp_path, manifest_path, stages, epochs=500)
+    run = tmp_path / "run"
+    submitted = submit_chain(load_chain(str(path)), run, "slurm")
+    ids = [submitted.jobs[name].job_id for name in ("s1", "s2")]
+    deadline = time.monotonic() + CHAIN_TIMEOUT_S
+    while sacct_states(ids[:1]).get(ids[0]) != "RUNNING":
+        assert time.monotonic() < deadline, "s1 never started"
+        time.sleep(0.5)
+    assert launch_main(["cancel", str(run)]) == 0
+    while set(sacct_states(ids).values()) != {"CANCELLED"}:
+        assert time.monotonic() < deadline, sacct_states(ids)
+        time.sleep(0.5)
+    assert {r.state for r in st.ChainState.load(run).jobs.values()} == {"CANCELLED"}
