@@ -28,7 +28,6 @@ from shards.commands import summary
 log = logging.getLogger("demo")
 
 
-
 def read_back(manifest_url: str) -> dict[str, int]:
     """Stream every split once (evaluation mode) and count the samples per split."""
     manifest = Manifest.load(manifest_url)
