@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
 DEFAULT_BLOCK_SIZE = 8 << 20  # bytes per ranged GET: bounds the memory of one open stream
 S3_PROTOCOLS = ("s3", "s3a")
+READ_TIMEOUT = 60.0  # seconds without a byte before an http(s) read fails (then is retried)
 
 # scheme://[userinfo@]rest[?query][#fragment]: userinfo, query and fragment may carry secrets
 _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/\s@?#]*@)?(?P<rest>[^\s?#'\"]*)")
-_URL_TAIL = re.compile(r"[?#][^\s'\"]*")
+_URL_TAIL = re.compile(r"[?#][^\s'\"]*?(?P<punct>[:;,.)\]]*)(?=[\s'\"]|$)")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ def redact_url(text: str) -> str:
         out.append(text[pos : match.start()])
         out.append(match.group("scheme") + match.group("rest"))
         tail = _URL_TAIL.match(text, match.end())
+        if tail:  # drop the query/fragment, keep punctuation of the sentence after it
+            out.append(tail.group("punct"))
         pos = tail.end() if tail else match.end()
     out.append(text[pos:])
     return "".join(out)
@@ -111,14 +114,28 @@ def parent(url: str) -> str:
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem serving ``url`` (with the configured S3 endpoint) and its path."""
     kwargs: dict[str, Any] = {}
-    if protocol_of(url) in S3_PROTOCOLS and _options.endpoint_url:
-        kwargs["endpoint_url"] = _options.endpoint_url
+    protocol = protocol_of(url)
+    if protocol in S3_PROTOCOLS:
+        # no botocore retries on top of s3fs's few quick ones: the reader's data.read_retries
+        # and retry_backoff decide how long a failing store is waited for
+        kwargs["config_kwargs"] = {"retries": {"mode": "standard", "total_max_attempts": 1}}
+        if _options.endpoint_url:
+            kwargs["endpoint_url"] = _options.endpoint_url
+    if protocol in ("http", "https"):  # a stalled transfer fails (and is retried), none hangs
+        kwargs["client_kwargs"] = {"timeout": _http_timeout()}
     try:
         return fsspec.core.url_to_fs(url, **kwargs)
     except ImportError as exc:
         extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol_of(url))
         hint = f"; install it with `pip install cil-dist[{extra}]`" if extra else ""
         raise ImportError(f"{redact_url(url)}: {exc}{hint}") from exc
+
+
+def _http_timeout():
+    import aiohttp
+
+    # no total limit (a large shard may stream for long), but no minute without a byte
+    return aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=READ_TIMEOUT)
 
 
 @contextlib.contextmanager
@@ -200,8 +217,14 @@ def open_stream(url: str, offset: int = 0) -> IO[bytes]:
 
 
 def _open_http(fs: fsspec.AbstractFileSystem, url: str, offset: int) -> IO[bytes]:
+    """One streaming GET. Built directly: ``fs.open`` would first probe the size with HEAD and
+    GET and turn every failure (refused connection, 403, 503) into FileNotFoundError."""
+    from fsspec.asyn import sync
+    from fsspec.implementations.http import HTTPStreamFile
+
     headers = {"Range": f"bytes={offset}-"} if offset else {}
-    stream = fs.open(url, "rb", block_size=0, headers=headers)
+    session = sync(fs.loop, fs.set_session)
+    stream = HTTPStreamFile(fs, url, mode="rb", loop=fs.loop, session=session, headers=headers)
     if offset and getattr(getattr(stream, "r", None), "status", 206) != 206:
         skip = offset  # the server ignored the range: read and drop what was already delivered
         while skip:

@@ -43,6 +43,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
         import aiohttp
 
         errors += [aiohttp.ClientPayloadError, aiohttp.ClientConnectionError]
+        errors += [aiohttp.ClientResponseError]  # by status, see is_transient
     except ImportError:  # pragma: no cover - aiohttp is a dependency
         pass
     try:
@@ -55,6 +56,16 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 
 TRANSIENT = _transient_errors()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a failed transfer worth re-opening (not a missing object or a refusal)."""
+    if isinstance(exc, PERMANENT):
+        return False
+    status = getattr(exc, "status", None)  # aiohttp.ClientResponseError: HTTP status
+    if isinstance(status, int):
+        return status >= 500 or status in (408, 429)
+    return isinstance(exc, TRANSIENT)
 
 
 @dataclass(frozen=True)
@@ -115,9 +126,9 @@ class ResumableStream:
                 if self.raw is None:
                     self.raw = self.opener(self.url, self.position)
                 return action()
-            except PERMANENT:
-                raise
-            except TRANSIENT as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 self._recover(exc)
 
     def _recover(self, exc: BaseException) -> None:
