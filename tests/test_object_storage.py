@@ -293,3 +293,50 @@ def test_skip_keeps_equal_batches_per_rank_in_training(store, paper_protocol):
     assert [run[3] for run in runs] == [8 // (2 * 2)] * 2
     shards = sum(run[2][0] for run in runs)
     assert shards >= 1 and sum(run[2][1] for run in runs) == 3 * shards
+
+
+# ------------------------------------------------------------------- training and secrets
+def _train_rank(rank: int, manifest: str, out, endpoint: str) -> None:
+    """One rank of a tiny 2-rank stage; its stderr (all logging) goes to a file."""
+    import os
+
+    from cil_dist.train import run_training
+    from tests.helpers import tiny_train_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 - lives as long as the rank
+    os.dup2(log_file.fileno(), 2)
+    cfg = tiny_train_config(manifest, out, name="run", method="joint")
+    cfg.data.endpoint_url = endpoint
+    cfg.data.num_workers = 1
+    cfg.tensorboard = True
+    run_training(cfg)
+
+
+@pytest.mark.slow
+def test_two_rank_stage_from_s3_equals_local_and_leaks_no_secret(
+    packed, s3_endpoint, manifest_path, tmp_path
+):
+    from tests.helpers import run_ranks
+
+    runs = {"s3": tmp_path / "s3", "local": tmp_path / "local"}
+    run_ranks(_train_rank, 2, MANIFEST, runs["s3"], s3_endpoint)
+    run_ranks(_train_rank, 2, manifest_path, runs["local"], "")
+    final = {
+        k: torch.load(v / "run/checkpoints/final.pt", weights_only=True) for k, v in runs.items()
+    }
+    assert final["s3"]["state"] == final["local"]["state"]
+    for name, value in final["local"]["model"].items():
+        assert torch.equal(value, final["s3"]["model"][name]), name
+    assert final["s3"]["config"]["data"]["manifest"] == MANIFEST
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    manifest = client.get_object(Bucket=BUCKET, Key="tiny/manifest.json")["Body"].read()
+    written = [p for p in runs["s3"].rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in written)
+    assert any("tfevents" in p.name for p in written)
+    logs = b"".join(p.read_bytes() for p in written if p.suffix == ".log")
+    assert b"epoch 1/1" in logs
+    for blob in [manifest, *(p.read_bytes() for p in written)]:
+        assert SECRET.encode() not in blob
+        assert KEY_ID.encode() not in blob
