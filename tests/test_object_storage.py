@@ -295,6 +295,25 @@ def test_skip_keeps_equal_batches_per_rank_in_training(store, paper_protocol):
     assert shards >= 1 and sum(run[2][1] for run in runs) == 3 * shards
 
 
+def test_skipped_samples_land_in_the_epoch_metrics(shard_dir, tmp_path):
+    from cil_dist.train import build, train_one_epoch
+    from tests.helpers import tiny_train_config
+
+    with static_http(shard_dir) as url:
+        proxy = ResetProxy(url)
+        try:
+            proxy.fault = Fault(TARGET, 0, times=None)
+            cfg = tiny_train_config(f"{proxy.url}/manifest.json", tmp_path, stage=1)
+            cfg.data.on_shard_error, cfg.data.read_retries, cfg.data.retry_backoff = "skip", 0, 0
+            parts = build(cfg, DistEnv())
+            stats = train_one_epoch(parts, cfg, DistEnv(), writer=None)
+        finally:
+            proxy.close()
+    assert parts.state.step == 8 // 2
+    assert stats["skipped_shards"] >= 1
+    assert stats["skipped_samples"] == 3 * stats["skipped_shards"]
+
+
 # ------------------------------------------------------------------- training and secrets
 def _train_rank(rank: int, manifest: str, out, endpoint: str) -> None:
     """One rank of a tiny 2-rank stage; its stderr (all logging) goes to a file."""
