@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,6 +89,7 @@ def throughput(loader, epochs: int, set_epoch=None) -> tuple[float, int, tuple]:
 @contextlib.contextmanager
 def transport_manifest(kind: str, out: Path, root: Path, protocol) -> object:
     """The manifest URL of the same shards reached through ``kind`` (local, http, s3)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test servers
     from tests.servers import moto_server, static_http
 
     if kind == "local":
