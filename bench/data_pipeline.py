@@ -6,13 +6,22 @@ loader opens the full-resolution 2048x1024 PNG image and label of each frame and
 webdataset shards. Both run with the same number of DataLoader workers, measured in this run.
 The last line is ``ratio=X.XX`` (shard pipeline / folder loader, samples/s per core).
 
+``--transports local,http,s3`` adds, before that line, one row per way of reaching the same
+shards: the local folder, a loopback HTTP server (Python's file server), and S3 on loopback
+(moto's server, the shards packed straight into it, read through s3fs), each with its
+samples/s per core and its ratio to local.
+
     python bench/data_pipeline.py [--frames-per-city 4] [--workers 2] [--epochs 2]
+                                  [--transports local,http,s3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cil_dist import storage
 from cil_dist.config import DataConfig
 from cil_dist.data.pipeline import ShardSource, build_train_loader
 from cil_dist.data.transforms import SegmentationTransform
@@ -76,12 +86,59 @@ def throughput(loader, epochs: int, set_epoch=None) -> tuple[float, int, tuple]:
     return count / (time.perf_counter() - start), count, shape
 
 
+@contextlib.contextmanager
+def transport_manifest(kind: str, out: Path, root: Path, protocol) -> object:
+    """The manifest URL of the same shards reached through ``kind`` (local, http, s3)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test servers
+    from tests.servers import moto_server, static_http
+
+    if kind == "local":
+        yield str(out / "manifest.json")
+    elif kind == "http":
+        with static_http(out) as url:
+            yield f"{url}/manifest.json"
+    elif kind == "s3":
+        for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench")):
+            os.environ.setdefault(name, value)
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        with moto_server() as endpoint:
+            import boto3
+
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+            storage.configure(endpoint_url=endpoint)
+            pack(root, "s3://bench/shards", protocol, size=(1024, 512), samples_per_shard=4)
+            yield "s3://bench/shards/manifest.json"
+            storage.configure(endpoint_url="")
+    else:
+        raise SystemExit(f"--transports: unknown {kind!r} (local, http, s3)")
+
+
+def transport_rows(args, out: Path, root: Path, protocol, lut) -> list[tuple[str, float, int]]:
+    rows = []
+    for kind in [t for t in args.transports.split(",") if t]:
+        with transport_manifest(kind, out, root, protocol) as manifest:
+            cfg = DataConfig(
+                manifest=manifest,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                shuffle_buffer=16,
+            )
+            source = ShardSource.from_config(cfg, "task1")
+            loader = build_train_loader(cfg, source, lut, DistEnv(), seed=0)
+            rate, count, _ = throughput(loader, args.epochs, loader.set_epoch)
+            rows.append((kind, rate, count))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames-per-city", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument(
+        "--transports", default="", help="comma list of local,http,s3: rows per transport"
+    )
     args = parser.parse_args()
     setup_logging(0)
     torch.set_num_threads(1)
@@ -116,6 +173,7 @@ def main() -> None:
         shard_rate, shard_n, shard_shape = throughput(
             shard_loader, args.epochs, shard_loader.set_epoch
         )
+        rows = transport_rows(args, out, root, protocol, lut)
     assert folder_shape == shard_shape, (folder_shape, shard_shape)
     print(f"frames: {len(folder)} (task 1 cities), source 2048x1024 PNG, shards 1024x512 PNG")
     print(f"workers: {args.workers}, batch {args.batch_size}, output {shard_shape}")
@@ -127,6 +185,12 @@ def main() -> None:
         f"shard pipeline (webdataset):     {shard_rate / cores:7.2f} samples/s/core "
         f"({shard_n} samples)"
     )
+    local = next((rate for kind, rate, _ in rows if kind == "local"), shard_rate)
+    for kind, rate, count in rows:
+        print(
+            f"transport {kind:<6} {rate / cores:7.2f} samples/s/core "
+            f"({count} samples), {rate / local:.2f}x local"
+        )
     print(f"ratio={shard_rate / folder_rate:.2f}")
 
 

@@ -44,6 +44,13 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 64  # samples (undecoded) per worker
     verify_checksums: bool = True  # check each shard's sha256/size/count as it streams
+    # object storage (README "Object storage"): credentials come from the standard AWS/Google
+    # environment and files, never from here
+    endpoint_url: str = ""  # S3-compatible endpoint (MinIO, Ceph…); "" = AWS_ENDPOINT_URL or AWS
+    block_size: int = 8 << 20  # bytes per ranged read of an object: memory of one open shard
+    read_retries: int = 5  # re-opens of a shard at its byte offset after a transfer failure
+    retry_backoff: float = 1.0  # seconds before the first re-open, doubling each time
+    on_shard_error: str = "fail"  # fail | skip (skip counts and logs the samples lost)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -62,6 +69,12 @@ class DataConfig:
                 f"data.augment.scale_min/scale_max: need 1 <= min <= max, got "
                 f"{self.augment.scale_min}, {self.augment.scale_max}"
             )
+        if self.on_shard_error not in ("fail", "skip"):
+            raise ConfigError(
+                f"data.on_shard_error: expected fail or skip, got {self.on_shard_error!r}"
+            )
+        if self.read_retries < 0 or self.retry_backoff < 0 or self.block_size < 1:
+            raise ConfigError("data.read_retries/retry_backoff must be >= 0, block_size >= 1")
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.num_workers < 0:
             raise ConfigError("data.batch_size/eval_batch_size must be >= 1, num_workers >= 0")
 

@@ -1,23 +1,91 @@
 """Paths and URLs behind one interface (fsspec), so local folders and object stores look alike.
 
+Accepted everywhere a path is: local paths and ``file://``, ``http(s)://`` (plain or pre-signed),
+``s3://`` (any S3-compatible endpoint, through s3fs) and ``gs://`` (through gcsfs). Credentials
+come from the standard places of each store (``AWS_*`` variables, ``~/.aws``, instance roles;
+Google's application default credentials); the only thing configured here is
+:class:`StorageOptions` (an explicit S3 endpoint and the block size of ranged reads).
+
 Writers go through :func:`open_for_write`: a local file is written to a temporary name and
-renamed into place, so a reader never sees a half-written file; other filesystems (s3://, gs://)
-commit the object when the stream closes.
+renamed into place, so a reader never sees a half-written file; object stores commit the object
+when the stream closes. Anything shown to a person goes through :func:`redact_url` first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Iterator
-from typing import IO
+from dataclasses import dataclass, replace
+from typing import IO, Any
 
 import fsspec
 
+log = logging.getLogger(__name__)
+
 HASH_CHUNK = 1 << 20
+DEFAULT_BLOCK_SIZE = 8 << 20  # bytes per ranged GET: bounds the memory of one open stream
+S3_PROTOCOLS = ("s3", "s3a")
+READ_TIMEOUT = 60.0  # seconds without a byte before an http(s) read fails (then is retried)
+
+# scheme://[userinfo@]rest[?query][#fragment]: userinfo, query and fragment may carry secrets
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/\s@?#]*@)?(?P<rest>[^\s?#'\"]*)")
+_URL_TAIL = re.compile(r"[?#][^\s'\"]*?(?P<punct>[:;,.)\]]*)(?=[\s'\"]|$)")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How object stores are reached (picklable, handed to worker processes)."""
+
+    endpoint_url: str = ""  # S3-compatible endpoint; "" = AWS_ENDPOINT_URL(_S3), ~/.aws, AWS
+    block_size: int = DEFAULT_BLOCK_SIZE  # bytes fetched per ranged read
+
+
+_options = StorageOptions()
+
+
+def configure(options: StorageOptions | None = None, **changes: Any) -> StorageOptions:
+    """Set this process's storage options (a whole record and/or single fields)."""
+    global _options
+    _options = replace(options or _options, **changes)
+    return _options
+
+
+def options() -> StorageOptions:
+    """This process's storage options."""
+    return _options
+
+
+def redact_url(text: str) -> str:
+    """``text`` with user info, query strings and fragments removed from every URL in it.
+
+    ``https://h/b/k.tar?X-Amz-Signature=…`` → ``https://h/b/k.tar``; ``s3://key:secret@b/k``
+    → ``s3://b/k``. Plain paths are returned unchanged.
+    """
+    if "://" not in text:
+        return text
+    out, pos = [], 0
+    for match in _URL.finditer(text):
+        out.append(text[pos : match.start()])
+        out.append(match.group("scheme") + match.group("rest"))
+        tail = _URL_TAIL.match(text, match.end())
+        if tail:  # drop the query/fragment, keep punctuation of the sentence after it
+            out.append(tail.group("punct"))
+        pos = tail.end() if tail else match.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def protocol_of(url: str) -> str:
+    """``"file"`` for plain paths, else the URL scheme (``s3``, ``https``, ``pipe``, …)."""
+    if url.startswith("pipe:"):
+        return "pipe"
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
 
 
 def is_local(url: str) -> bool:
@@ -43,6 +111,33 @@ def parent(url: str) -> str:
     return url.rsplit("/", 1)[0]
 
 
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem serving ``url`` (with the configured S3 endpoint) and its path."""
+    kwargs: dict[str, Any] = {}
+    protocol = protocol_of(url)
+    if protocol in S3_PROTOCOLS:
+        # no botocore retries on top of s3fs's few quick ones: the reader's data.read_retries
+        # and retry_backoff decide how long a failing store is waited for
+        kwargs["config_kwargs"] = {"retries": {"mode": "standard", "total_max_attempts": 1}}
+        if _options.endpoint_url:
+            kwargs["endpoint_url"] = _options.endpoint_url
+    if protocol in ("http", "https"):  # a stalled transfer fails (and is retried), none hangs
+        kwargs["client_kwargs"] = {"timeout": _http_timeout()}
+    try:
+        return fsspec.core.url_to_fs(url, **kwargs)
+    except ImportError as exc:
+        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol_of(url))
+        hint = f"; install it with `pip install cil-dist[{extra}]`" if extra else ""
+        raise ImportError(f"{redact_url(url)}: {exc}{hint}") from exc
+
+
+def _http_timeout():
+    import aiohttp
+
+    # no total limit (a large shard may stream for long), but no minute without a byte
+    return aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=READ_TIMEOUT)
+
+
 @contextlib.contextmanager
 def open_for_write(url: str, mode: str = "wb") -> Iterator[IO]:
     """Open ``url`` for writing; the file appears only once the block completes."""
@@ -62,14 +157,15 @@ def open_for_write(url: str, mode: str = "wb") -> Iterator[IO]:
                 os.unlink(tmp)
             raise
     else:
-        with fsspec.open(url, mode) as stream:
+        fs, path = filesystem(url)
+        with fs.open(path, mode) as stream:
             yield stream
 
 
 def exists(url: str) -> bool:
     if is_local(url):
         return os.path.exists(local_path(url))
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     return fs.exists(path)
 
 
@@ -77,15 +173,80 @@ def read_bytes(url: str) -> bytes:
     if is_local(url):
         with open(local_path(url), "rb") as stream:
             return stream.read()
-    with fsspec.open(url, "rb") as stream:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb", block_size=_options.block_size) as stream:
         return stream.read()
 
 
 def sha256_of(url: str) -> tuple[str, int]:
-    """SHA-256 hex digest and size in bytes of a file or object."""
+    """SHA-256 hex digest and size in bytes of a file or object (streamed, not downloaded)."""
     digest, size = hashlib.sha256(), 0
-    with fsspec.open(url, "rb") as stream:
+    with open_stream(url) as stream:
         while chunk := stream.read(HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def open_stream(url: str, offset: int = 0) -> IO[bytes]:
+    """A forward-reading byte stream of ``url`` starting at ``offset`` (for resumed reads).
+
+    Object stores are read in ranged blocks of ``block_size`` (bounded memory, no download to
+    disk first); ``http(s)://`` is one streaming GET, resumed with a ``Range`` request (or, if
+    the server ignores ranges, by discarding the first ``offset`` bytes); ``pipe:`` runs the
+    command (it cannot resume).
+    """
+    protocol = protocol_of(url)
+    if protocol == "file":
+        stream = open(local_path(url), "rb")  # noqa: SIM115 - the caller closes it
+        stream.seek(offset)
+        return stream
+    if protocol == "pipe":
+        if offset:
+            raise OSError(f"{redact_url(url)}: a pipe: command cannot resume at byte {offset}")
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    fs, path = filesystem(url)
+    if protocol in ("http", "https"):
+        return _open_http(fs, path, offset)
+    stream = fs.open(path, "rb", block_size=_options.block_size, cache_type="readahead")
+    if offset:
+        stream.seek(offset)
+    return stream
+
+
+def _open_http(fs: fsspec.AbstractFileSystem, url: str, offset: int) -> IO[bytes]:
+    """One streaming GET. Built directly: ``fs.open`` would first probe the size with HEAD and
+    GET and turn every failure (refused connection, 403, 503) into FileNotFoundError."""
+    from fsspec.asyn import sync
+    from fsspec.implementations.http import HTTPStreamFile
+
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    session = sync(fs.loop, fs.set_session)
+    stream = HTTPStreamFile(fs, url, mode="rb", loop=fs.loop, session=session, headers=headers)
+    if offset and getattr(getattr(stream, "r", None), "status", 206) != 206:
+        skip = offset  # the server ignored the range: read and drop what was already delivered
+        while skip:
+            dropped = stream.read(min(skip, HASH_CHUNK))
+            if not dropped:
+                raise OSError(f"{redact_url(url)}: ended before byte {offset} on resume")
+            skip -= len(dropped)
+    return stream
+
+
+def check_readable(url: str) -> str | None:
+    """None when ``url`` can be opened and read, else one line saying why not (redacted)."""
+    shown = redact_url(url)
+    try:
+        with open_stream(url) as stream:
+            stream.read(1)
+    except FileNotFoundError:
+        return f"{shown}: not found"
+    except PermissionError as exc:
+        return f"{shown}: access denied (check credentials): {redact_url(str(exc))}"
+    except ImportError as exc:
+        return str(exc)
+    except Exception as exc:  # any transport failure is a reason, not a crash
+        return f"{shown}: not reachable: {type(exc).__name__}: {redact_url(str(exc))}"
+    return None

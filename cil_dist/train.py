@@ -37,6 +37,7 @@ from cil_dist.optim import build_optimizer, poly_schedule
 from cil_dist.precision import Precision, build_precision
 from cil_dist.protocol import TaskProtocol
 from cil_dist.stage import StagePlan, plan_stage
+from cil_dist.storage import redact_url
 from cil_dist.teacher import init_from_previous, load_previous_state, load_teacher, teacher_forward
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,10 @@ def train_one_epoch(parts: Components, cfg: TrainConfig, env: DistEnv, writer) -
                     writer.add_scalar(f"loss/{name}", value.item(), parts.state.step)
     bar.close()
     steps = len(parts.loader)
-    totals = all_reduce_sum([*sums.tolist(), float(images)], env)
+    skipped = parts.loader.skipped
+    totals = all_reduce_sum(
+        [*sums.tolist(), float(images), float(skipped.shards), float(skipped.samples)], env
+    )
     seconds = time.perf_counter() - start
     parts.state.samples += int(totals[3])
     return {
@@ -137,6 +141,8 @@ def train_one_epoch(parts: Components, cfg: TrainConfig, env: DistEnv, writer) -
         "kd": totals[2] / (steps * env.world_size),
         "lr": lr,
         "images_per_s": totals[3] / seconds,
+        "skipped_shards": int(totals[4]),  # on_shard_error=skip, all ranks
+        "skipped_samples": int(totals[5]),
     }
 
 
@@ -211,6 +217,17 @@ def build(cfg: TrainConfig, env: DistEnv) -> Components:
     )
 
 
+def public_config(cfg: TrainConfig) -> dict:
+    """The config as written to ``config.yaml`` and checkpoints: URLs without secrets."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg))
+    data = container["data"]
+    data["manifest"] = redact_url(data["manifest"])
+    data["shards"] = [redact_url(url) for url in data["shards"]]
+    data["endpoint_url"] = redact_url(data["endpoint_url"])
+    container["teacher"]["checkpoint"] = redact_url(container["teacher"]["checkpoint"])
+    return container
+
+
 def checkpoint_payload(parts: Components, cfg: TrainConfig) -> dict:
     return {
         "model": parts.bare_student.state_dict(),
@@ -219,7 +236,7 @@ def checkpoint_payload(parts: Components, cfg: TrainConfig) -> dict:
         "scaler": parts.precision.scaler.state_dict() if parts.precision.scaler else {},
         "state": ckpt.state_to_dict(parts.state),
         "rng": ckpt.rng_state(),
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "config": public_config(cfg),
         "protocol": parts.plan.protocol.to_dict(),
         "num_classes": parts.plan.num_classes,
         "method": parts.plan.method,
@@ -290,6 +307,14 @@ def fit(parts: Components, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Pat
                 stats["lr"],
                 stats["images_per_s"],
             )
+            if stats["skipped_samples"] or stats["skipped_shards"]:
+                log.warning(
+                    "epoch %d: %d samples of %d unreadable shard(s) skipped "
+                    "(data.on_shard_error=skip)",
+                    parts.state.epoch,
+                    stats["skipped_samples"],
+                    stats["skipped_shards"],
+                )
             if writer:
                 for key, value in stats.items():
                     writer.add_scalar(f"epoch/{key}", value, parts.state.epoch)
@@ -308,7 +333,7 @@ def fit(parts: Components, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Pat
 def write_config(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> None:
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(public_config(cfg)))
 
 
 def train_stage(cfg: TrainConfig, env: DistEnv) -> Path:

@@ -5,6 +5,9 @@ cil-shards pack   --cityscapes ROOT --out DIR [--tasks YAML] [--size WxH]
                   [--samples-per-shard N] [--image-format png|jpg] [--workers N]
 cil-shards verify MANIFEST            # every shard's size, sample count and sha256
 cil-shards inspect MANIFEST           # splits, shard and sample counts
+
+DIR and MANIFEST may be URLs: s3://bucket/prefix (pack, verify, inspect; S3-compatible stores
+via --endpoint-url or AWS_ENDPOINT_URL), gs://…, https://… (reading).
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ def parse_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cil-shards", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument(
+        "--endpoint-url",
+        default="",
+        help="S3-compatible endpoint for s3:// URLs (default: AWS_ENDPOINT_URL, ~/.aws, AWS)",
+    )
     tasks_help = "task protocol: a YAML file or a shipped name (default: cityscapes_cil)"
 
     synth = sub.add_parser("synth", help="write a synthetic dataset in the Cityscapes layout")
@@ -42,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--tasks", default="cityscapes_cil", help=tasks_help)
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
-    pack = sub.add_parser("pack", help="pack a Cityscapes tree into webdataset shards")
+    pack = sub.add_parser(
+        "pack", parents=[store], help="pack a Cityscapes tree into webdataset shards"
+    )
     pack.add_argument("--cityscapes", required=True, help="Cityscapes root (leftImg8bit, gtFine)")
     pack.add_argument("--out", required=True, help="output folder (or URL) for shards + manifest")
     pack.add_argument("--tasks", default="cityscapes_cil", help=tasks_help)
@@ -52,10 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--jpeg-quality", type=int, default=95)
     pack.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
-    verify = sub.add_parser("verify", help="check every shard against the manifest")
+    verify = sub.add_parser(
+        "verify", parents=[store], help="check every shard against the manifest"
+    )
     verify.add_argument("manifest", help="path or URL of manifest.json")
 
-    inspect = sub.add_parser("inspect", help="summarise a manifest")
+    inspect = sub.add_parser("inspect", parents=[store], help="summarise a manifest")
     inspect.add_argument("manifest", help="path or URL of manifest.json")
     return parser
 
@@ -63,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(0)
+    from cil_dist import storage
     from shards import commands
+
+    if getattr(args, "endpoint_url", ""):
+        storage.configure(endpoint_url=args.endpoint_url)
 
     try:
         return commands.run(args)

@@ -7,6 +7,7 @@ import logging
 
 from cil_dist.data.manifest import Manifest
 from cil_dist.protocol import TaskProtocol
+from cil_dist.storage import redact_url
 from shards.verify import verify_manifest
 
 log = logging.getLogger("cil-shards")
@@ -16,7 +17,7 @@ def summary(manifest: Manifest) -> str:
     """A human-readable table of a manifest's splits."""
     width, height = manifest.resolution
     lines = [
-        f"manifest {manifest.url}: {width}x{height} {manifest.image_format}, "
+        f"manifest {redact_url(manifest.url)}: {width}x{height} {manifest.image_format}, "
         f"protocol {manifest.task_config.get('name', '?')}",
         f"{'split':<10} {'cities':>6} {'shards':>6} {'samples':>8} {'MiB':>9}",
     ]
@@ -62,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
         for problem in bad:
             log.error("%s", problem)
         if bad:
-            log.error("%d bad shard(s) in %s", len(bad), args.manifest)
+            log.error("%d bad shard(s) in %s", len(bad), redact_url(args.manifest))
             return 1
-        log.info("all shards of %s match the manifest", args.manifest)
+        log.info("all shards of %s match the manifest", redact_url(args.manifest))
         return 0
     if args.command == "inspect":
         log.info("\n%s", summary(Manifest.load(args.manifest)))

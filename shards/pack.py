@@ -7,7 +7,9 @@ lossless) and ``KEY.meta.json``. Labels stay raw so the same shards serve every 
 stage's look-up table is applied when reading.
 
 Everything cheap is validated before the first byte is written; every shard is written through
-a temporary file and renamed into place, so a failure never leaves half a shard. Shards are
+a temporary file and renamed into place (an object store commits an object when its upload
+completes), so a failure never leaves half a shard. ``out`` may be a folder or a URL
+(``s3://bucket/prefix``, ``gs://…``): shards are uploaded first, the manifest last. Shards are
 packed in parallel (all cores) and byte-identical for identical inputs; a re-run skips shards
 whose recipe (keys, source-file digests, packing parameters) and checksum still match.
 """
@@ -233,7 +235,7 @@ def previous_records(out: str) -> dict[str, ShardRecord]:
     try:
         manifest = Manifest.load(url)
     except ValueError as exc:
-        log.warning("ignoring unreadable previous manifest %s: %s", url, exc)
+        log.warning("ignoring unreadable previous manifest %s: %s", storage.redact_url(url), exc)
         return {}
     return {s.file: s for rec in manifest.splits.values() for s in rec.shards}
 
@@ -252,14 +254,21 @@ def plan_jobs(root: Path, out: str, protocol: TaskProtocol, size, per_shard, fmt
 
 
 def remove_stale(out: str, set_name: str, keep: int) -> None:
-    """Delete local shards of a set beyond the ``keep`` it now has."""
-    if not storage.is_local(out):
-        return
-    folder = Path(storage.local_path(out)) / set_name
-    for path in folder.glob(f"{set_name}-*.tar"):
-        index = path.stem.rsplit("-", 1)[-1]
+    """Delete shards of a set beyond the ``keep`` it now has (local folder or object store)."""
+    if storage.is_local(out):
+        folder = Path(storage.local_path(out)) / set_name
+        paths = [str(p) for p in folder.glob(f"{set_name}-*.tar")]
+        fs = None
+    else:
+        fs, base = storage.filesystem(storage.join(out, set_name))
+        paths = fs.glob(f"{base}/{set_name}-*.tar")
+    for path in paths:
+        index = Path(path).stem.rsplit("-", 1)[-1]
         if index.isdigit() and int(index) >= keep:
-            path.unlink()
+            if fs is None:
+                os.unlink(path)
+            else:
+                fs.rm(path)
 
 
 def pack(
@@ -291,7 +300,10 @@ def pack(
     records: dict[str, ShardRecord] = {}
     written = 0
     bar = tqdm(total=len(jobs), desc="packing shards", unit="shard", disable=None)
-    with ProcessPoolExecutor(workers) as pool:
+    # workers get this process's storage options (an explicit S3 endpoint)
+    with ProcessPoolExecutor(
+        workers, initializer=storage.configure, initargs=(storage.options(),)
+    ) as pool:
         for (job, _), (record, was_written) in zip(tasks, pool.map(pack_job, tasks), strict=True):
             records[job.file] = record
             written += was_written
@@ -301,7 +313,6 @@ def pack(
     for set_name, city_set in sets.items():
         shards = [records[j.file] for j in jobs if j.set_name == set_name]
         splits[set_name] = SplitRecord(city_set.split, list(city_set.cities), shards)
-        remove_stale(out, set_name, len(shards))
     manifest = Manifest(
         resolution=tuple(size),
         image_format=image_format,
@@ -310,8 +321,10 @@ def pack(
         splits=splits,
     )
     manifest_url = storage.join(out, "manifest.json")
-    manifest.save(manifest_url)  # last: a reader never sees a manifest with missing shards
+    manifest.save(manifest_url)  # after the shards: a reader never sees one missing
     manifest.url = manifest_url
+    for set_name, record in splits.items():  # only now: the old manifest may still be read
+        remove_stale(out, set_name, len(record.shards))
     seconds = time.perf_counter() - start
     log.info(
         "packed %d shards (%d written, %d unchanged) of %d samples into %s in %.1f s",
@@ -319,7 +332,7 @@ def pack(
         written,
         len(jobs) - written,
         sum(len(j.frames) for j in jobs),
-        out,
+        storage.redact_url(out),
         seconds,
     )
     return PackResult(manifest, manifest_url, written, len(jobs) - written, seconds)

@@ -1,28 +1,46 @@
-"""Check every shard of a manifest: it exists, and its size and SHA-256 match."""
+"""Check every shard of a manifest (local or in object storage): its size and SHA-256 match."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from cil_dist import storage
 from cil_dist.data.manifest import Manifest, ShardRef
+from cil_dist.data.reading import READ_CHUNK, ReadPolicy, ResumableStream
+from cil_dist.storage import redact_url
 
 log = logging.getLogger(__name__)
 
 
-def check_shard(ref: ShardRef) -> str | None:
-    """None if the shard matches its record, else a sentence naming the shard and the problem."""
+def hash_stream(ref: ShardRef, policy: ReadPolicy) -> tuple[str, int]:
+    """SHA-256 and size of a shard, streamed with the reader's retries (nothing on disk)."""
+    digest, size = hashlib.sha256(), 0
+    stream = ResumableStream(ref.url, policy)
     try:
-        digest, size = storage.sha256_of(ref.url)
+        while chunk := stream.read(READ_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    finally:
+        stream.close()
+    return digest.hexdigest(), size
+
+
+def check_shard(ref: ShardRef, policy: ReadPolicy | None = None) -> str | None:
+    """None if the shard matches its record, else a sentence naming the shard and the problem."""
+    shown = redact_url(ref.url)
+    try:
+        digest, size = hash_stream(ref, policy or ReadPolicy(retries=2, backoff=0.5))
     except FileNotFoundError:
-        return f"{ref.url}: missing"
-    except OSError as exc:
-        return f"{ref.url}: unreadable: {exc}"
+        return f"{shown}: missing"
+    except PermissionError as exc:
+        return f"{shown}: access denied: {redact_url(str(exc))}"
+    except Exception as exc:  # OSError or a transport library's own error
+        return f"{shown}: unreadable: {redact_url(f'{type(exc).__name__}: {exc}')}"
     if ref.bytes is not None and size != ref.bytes:
-        return f"{ref.url}: {size} bytes, manifest says {ref.bytes}"
+        return f"{shown}: {size} bytes, manifest says {ref.bytes}"
     if ref.sha256 and digest != ref.sha256:
-        return f"{ref.url}: sha256 {digest} != manifest {ref.sha256}"
+        return f"{shown}: sha256 {digest} != manifest {ref.sha256}"
     return None
 
 
@@ -32,5 +50,5 @@ def verify_manifest(url: str, threads: int = 8) -> list[str]:
     refs = manifest.shard_refs(list(manifest.splits))
     with ThreadPoolExecutor(threads) as pool:
         problems = [p for p in pool.map(check_shard, refs) if p]
-    log.info("verified %d shards of %s: %d bad", len(refs), url, len(problems))
+    log.info("verified %d shards of %s: %d bad", len(refs), redact_url(url), len(problems))
     return problems

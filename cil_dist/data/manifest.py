@@ -13,7 +13,8 @@ Layout (``version`` 1)::
      "totals": {"shards": 7, "samples": 224, "bytes": 123456}}
 
 Shard ``file`` entries are relative to the manifest's folder, so a shard folder can be moved
-or uploaded as a whole.
+or uploaded as a whole (``s3://``, ``gs://``, ``https://``: see :mod:`cil_dist.storage`).
+``source`` is stored without credentials or query strings.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class Manifest:
             "version": VERSION,
             "resolution": list(self.resolution),
             "image_format": self.image_format,
-            "source": self.source,
+            "source": storage.redact_url(self.source),
             "created": self.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "tool": self.tool,
             "task_config": self.task_config,
@@ -116,25 +117,31 @@ class Manifest:
     @classmethod
     def load(cls, url: str) -> Manifest:
         """Read and validate a manifest from a path or URL."""
+        shown = storage.redact_url(url)
         try:
             raw = json.loads(storage.read_bytes(url))
         except FileNotFoundError:
-            raise ManifestError(f"{url}: manifest not found") from None
-        except (OSError, ValueError) as exc:
-            raise ManifestError(f"{url}: cannot read manifest: {exc}") from exc
+            raise ManifestError(f"{shown}: manifest not found") from None
+        except ImportError as exc:
+            raise ManifestError(str(exc)) from exc
+        except Exception as exc:  # OSError, bad JSON, or a transport library's own errors
+            reason = storage.redact_url(f"{type(exc).__name__}: {exc}")
+            raise ManifestError(f"{shown}: cannot read manifest: {reason}") from exc
         return cls.from_dict(raw, url)
 
     @classmethod
     def from_dict(cls, raw: Any, url: str = "<dict>") -> Manifest:
+        shown = storage.redact_url(url)
+
         def need(mapping: dict, key: str, where: str) -> Any:
             if not isinstance(mapping, dict) or key not in mapping:
-                raise ManifestError(f"{url}: missing key {where}{key!r}")
+                raise ManifestError(f"{shown}: missing key {where}{key!r}")
             return mapping[key]
 
         if need(raw, "format", "") != FORMAT:
-            raise ManifestError(f"{url}: 'format' is {raw.get('format')!r}, expected {FORMAT!r}")
+            raise ManifestError(f"{shown}: 'format' is {raw.get('format')!r}, expected {FORMAT!r}")
         if need(raw, "version", "") != VERSION:
-            raise ManifestError(f"{url}: unsupported manifest version {raw['version']!r}")
+            raise ManifestError(f"{shown}: unsupported manifest version {raw['version']!r}")
         splits = {}
         for name, rec in need(raw, "splits", "").items():
             shards = []
@@ -170,9 +177,8 @@ class Manifest:
         names = [split_names] if isinstance(split_names, str) else list(split_names)
         missing = [n for n in names if n not in self.splits]
         if missing:
-            raise ManifestError(
-                f"{self.url or 'manifest'}: no split(s) {missing}; it has {sorted(self.splits)}"
-            )
+            where = storage.redact_url(self.url) or "manifest"
+            raise ManifestError(f"{where}: no split(s) {missing}; it has {sorted(self.splits)}")
         base = storage.parent(self.url) if self.url else ""
         refs = []
         for name in names:

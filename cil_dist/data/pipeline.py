@@ -14,12 +14,17 @@ The recipe (it avoids webdataset's known multi-rank traps by construction):
    the quotas of a rank's workers add up to that number — so no rank runs out early and DDP
    never hangs at an epoch's end. **Evaluation** reads every sample exactly once across all
    ranks and workers (last batches may be partial).
+5. A shard whose transfer fails is re-opened at its byte offset (``data.read_retries``); when
+   that is exhausted, ``data.on_shard_error: skip`` skips it and counts the samples lost
+   (:attr:`EpochLoader.skipped`, summed over workers), training still cycling to its quota so
+   every rank keeps the same number of batches.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import random
 import signal
 from collections.abc import Iterator
@@ -32,10 +37,18 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as shuffle_filter
 
+from cil_dist import storage
 from cil_dist.config import ConfigError, DataConfig
 from cil_dist.data.manifest import Manifest, ShardRef
-from cil_dist.data.reading import iter_slice
-from cil_dist.data.shardlist import assign, derive_seed, epoch_order, slot_of, worker_quota
+from cil_dist.data.reading import ReadPolicy, ShardReadError, iter_slice
+from cil_dist.data.shardlist import (
+    ShardSlice,
+    assign,
+    derive_seed,
+    epoch_order,
+    slot_of,
+    worker_quota,
+)
 from cil_dist.data.transforms import SegmentationTransform
 from cil_dist.distributed import DistEnv
 
@@ -55,7 +68,8 @@ class ShardSource:
     def from_manifest(cls, url: str, splits: list[str] | tuple[str, ...] | str) -> ShardSource:
         manifest = Manifest.load(url)
         names = [splits] if isinstance(splits, str) else list(splits)
-        return cls(tuple(manifest.shard_refs(names)), f"{url} [{'+'.join(names)}]")
+        shown = storage.redact_url(url)
+        return cls(tuple(manifest.shard_refs(names)), f"{shown} [{'+'.join(names)}]")
 
     @classmethod
     def from_urls(cls, patterns: list[str] | str) -> ShardSource:
@@ -67,6 +81,7 @@ class ShardSource:
 
     @classmethod
     def from_config(cls, cfg: DataConfig, splits: list[str] | tuple[str, ...] | str):
+        storage.configure(storage_options(cfg))
         if cfg.manifest:
             return cls.from_manifest(cfg.manifest, splits)
         return cls.from_urls(cfg.shards)
@@ -76,6 +91,40 @@ class ShardSource:
         """Total samples, or None when a shard's count is unknown (URLs without manifest)."""
         counts = [ref.samples for ref in self.refs]
         return None if any(c is None for c in counts) else sum(counts)
+
+
+def storage_options(cfg: DataConfig) -> storage.StorageOptions:
+    """The object-storage options of a data config (an empty endpoint keeps the process's)."""
+    endpoint = cfg.endpoint_url or storage.options().endpoint_url
+    return storage.StorageOptions(endpoint_url=endpoint, block_size=cfg.block_size)
+
+
+def read_policy(cfg: DataConfig) -> ReadPolicy:
+    return ReadPolicy(cfg.read_retries, cfg.retry_backoff, cfg.on_shard_error)
+
+
+class SkipCounter:
+    """Shards and samples skipped under ``on_shard_error: skip``, shared with DataLoader workers."""
+
+    def __init__(self) -> None:
+        self._counts = multiprocessing.Array("q", 2)  # shards, samples
+
+    def add(self, piece: ShardSlice, missing: int | None, _: ShardReadError) -> None:
+        with self._counts.get_lock():
+            self._counts[0] += 1
+            self._counts[1] += missing or 0
+
+    def reset(self) -> None:
+        with self._counts.get_lock():
+            self._counts[0] = self._counts[1] = 0
+
+    @property
+    def shards(self) -> int:
+        return int(self._counts[0])
+
+    @property
+    def samples(self) -> int:
+        return int(self._counts[1])
 
 
 def collate(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> dict[str, Any]:
@@ -99,13 +148,21 @@ class ShardStream(IterableDataset):
         batches_per_epoch: int = 0,
         shuffle_buffer: int = 0,
         verify: bool = True,
+        policy: ReadPolicy | None = None,
+        storage_options: storage.StorageOptions | None = None,
     ):
         super().__init__()
         self.source, self.transform, self.env = source, transform, env
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.verify = shuffle_buffer, verify
+        self.policy = policy or ReadPolicy()
+        self.storage_options = storage_options or storage.options()
+        self.skipped = SkipCounter()
         self.epoch = 0
+
+    def _read(self, piece: ShardSlice) -> Iterator[dict[str, Any]]:
+        return iter_slice(piece, self.verify, self.policy, self.skipped.add)
 
     def _slot(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -119,7 +176,7 @@ class ShardStream(IterableDataset):
         for cycle in itertools.count():
             produced = 0
             for piece in assign(epoch_order(refs, self.seed, self.epoch, cycle), slots, slot):
-                for sample in iter_slice(piece, self.verify):
+                for sample in self._read(piece):
                     produced += 1
                     yield sample
             # a tiny shard shared by many slots can leave one slot empty in some cycles
@@ -129,9 +186,10 @@ class ShardStream(IterableDataset):
 
     def _eval_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         for piece in assign(list(self.source.refs), slots, slot):
-            yield from iter_slice(piece, self.verify)
+            yield from self._read(piece)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        storage.configure(self.storage_options)  # a spawned worker starts from the defaults
         worker, slot, slots = self._slot()
         rng = np.random.default_rng(
             derive_seed("augment", self.seed, self.epoch, self.env.rank, worker)
@@ -190,7 +248,13 @@ class EpochLoader:
         self.stream.epoch = epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stream.skipped.reset()
         return iter(self.loader)
+
+    @property
+    def skipped(self) -> SkipCounter:
+        """Shards/samples skipped by this rank in the current (or last finished) epoch."""
+        return self.stream.skipped
 
     def __len__(self) -> int:
         if self.stream.train:
@@ -227,6 +291,8 @@ def build_train_loader(
         batches_per_epoch=batches,
         shuffle_buffer=cfg.shuffle_buffer,
         verify=cfg.verify_checksums,
+        policy=read_policy(cfg),
+        storage_options=storage_options(cfg),
     )
     log.info(
         "training data %s: %d samples, %d batches of %d per rank per epoch",
@@ -252,5 +318,7 @@ def build_eval_loader(
         seed=0,
         num_workers=cfg.num_workers,
         verify=cfg.verify_checksums,
+        policy=read_policy(cfg),
+        storage_options=storage_options(cfg),
     )
     return EpochLoader(stream, cfg.num_workers, pin_memory=env.device.startswith("cuda"))
