@@ -114,7 +114,8 @@ def load_chain(path: str | Path, overrides: list[str] | None = None) -> ChainCon
 
 
 def chain_to_yaml(chain: ChainConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(chain))
+    """The resolved chain, with pre-signed URLs and user info stripped (never saved)."""
+    return storage.redact_url(OmegaConf.to_yaml(OmegaConf.structured(chain)))
 
 
 def resources_of(base: Resources, *layers: dict[str, Any], where: str) -> Resources:

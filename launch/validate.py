@@ -17,6 +17,7 @@ from pathlib import Path
 from cil_dist import storage
 from cil_dist.config import ConfigError
 from cil_dist.data.manifest import Manifest, ManifestError
+from cil_dist.data.pipeline import storage_options
 from cil_dist.protocol import ProtocolError, TaskProtocol
 from cil_dist.stage import METHODS, StagePlan, plan_stage
 from launch.chain import (
@@ -100,12 +101,18 @@ def data_problems(jobs: dict[str, JobSpec], plans: dict[str, StagePlan]) -> list
         url = job.train.data.manifest
         if not url:
             continue  # shard URLs without a manifest: nothing to check up front
+        storage.configure(storage_options(job.train.data))  # its S3 endpoint, block size
         if url not in manifests:
+            unreadable = storage.check_readable(url)
+            if unreadable:
+                manifests[url] = None
+                problems.append(f"{name}: data.manifest: {unreadable}")
+                continue
             try:
                 manifests[url] = Manifest.load(url)
             except (ManifestError, OSError) as exc:
                 manifests[url] = None
-                problems.append(f"{name}: data.manifest: {exc}")
+                problems.append(f"{name}: data.manifest: {storage.redact_url(str(exc))}")
                 continue
             problems += shard_file_problems(url, manifests[url])
         manifest = manifests[url]
@@ -131,15 +138,24 @@ def data_problems(jobs: dict[str, JobSpec], plans: dict[str, StagePlan]) -> list
 
 
 def shard_file_problems(url: str, manifest: Manifest) -> list[str]:
+    """Local shards must all exist; of remote ones the first of each split must be readable
+    (checking thousands of objects one by one would take longer than the check is worth)."""
     missing = []
     for split in manifest.splits.values():
-        for shard in split.shards:
+        for index, shard in enumerate(split.shards):
             target = storage.join(storage.parent(url), shard.file)
-            if storage.is_local(target) and not Path(storage.local_path(target)).is_file():
+            if storage.is_local(target):
+                if not Path(storage.local_path(target)).is_file():
+                    missing.append(shard.file)
+            elif index == 0 and storage.check_readable(target):
                 missing.append(shard.file)
     if not missing:
         return []
-    return [f"data.manifest: {url} lists {len(missing)} missing shard(s): {', '.join(missing[:5])}"]
+    shown = storage.redact_url(url)
+    return [
+        f"data.manifest: {shown} lists {len(missing)} missing or unreadable shard(s): "
+        + ", ".join(missing[:5])
+    ]
 
 
 def eval_problems(chain: ChainConfig, plans: dict[str, StagePlan]) -> list[str]:

@@ -359,3 +359,34 @@ def test_two_rank_stage_from_s3_equals_local_and_leaks_no_secret(
     for blob in [manifest, *(p.read_bytes() for p in written)]:
         assert SECRET.encode() not in blob
         assert KEY_ID.encode() not in blob
+
+
+def test_chain_validation_reaches_the_s3_manifest_before_submitting(
+    packed, s3_endpoint, tmp_path, manifest_path
+):
+    from launch.chain import chain_to_yaml, load_chain
+    from launch.validate import ChainError, validate_chain
+    from tests.chains import write_chain
+
+    stages = {
+        "s1": {"method": "cil", "stage": 1},
+        "s2": {"method": "cil", "stage": 2, "teacher": "s1"},
+    }
+    path = write_chain(tmp_path, manifest_path, stages)
+    endpoint = f"overrides=[data.endpoint_url={s3_endpoint}]"
+    chain = load_chain(str(path), [f"manifest={MANIFEST}", endpoint])
+    jobs = validate_chain(chain, tmp_path / "run", "local")
+    assert jobs["s2"].train.data.manifest == MANIFEST
+
+    missing = load_chain(str(path), [f"manifest=s3://{BUCKET}/nothing/manifest.json", endpoint])
+    with pytest.raises(
+        ChainError, match=r"data\.manifest: s3://cil-shards/nothing/manifest\.json: not found"
+    ):
+        validate_chain(missing, tmp_path / "run", "local")
+
+    signed = boto3.client("s3", endpoint_url=s3_endpoint).generate_presigned_url(
+        "get_object", Params={"Bucket": BUCKET, "Key": "tiny/manifest.json"}
+    )
+    assert "Signature" in signed
+    text = chain_to_yaml(load_chain(str(path), [f"manifest={signed}"]))
+    assert "Signature" not in text and SECRET not in text
