@@ -37,7 +37,8 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 bench: setup
-	$(BIN)/python bench/data_pipeline.py
+	$(BIN)/python bench/data_pipeline.py --transports local,http,s3
+	$(BIN)/python bench/train_step.py
 
 clean:
 	rm -rf $(VENV) out

@@ -1,8 +1,9 @@
 """Decoding a shard sample and turning it into model input, exactly as SEED_FACTS prescribes.
 
-Training: resize to ``resize`` (bilinear image, nearest label) → random horizontal flip →
-random down-rescale by a factor drawn from U[scale_min, scale_max] → random crop (padding the
-label with 255 if the image is smaller) → colour jitter (brightness, contrast, saturation, hue
+Training: resize to ``resize`` (bilinear image, nearest label) → random down-rescale by a
+factor drawn from U[scale_min, scale_max] and random crop, in one resampling of the crop's
+window (padding the label with 255 if the image is smaller) → random horizontal flip → colour
+jitter (brightness, contrast, saturation, hue
 in random order) → tensor → ImageNet normalisation. Evaluation: resize the image to ``resize``;
 the label stays at its stored resolution (predictions are compared at label resolution).
 The task's look-up table maps raw Cityscapes label ids to channels (or 255) while decoding.
@@ -118,6 +119,31 @@ def random_crop(image: Image.Image, label: np.ndarray, crop: tuple[int, int], rn
     return image.crop((x, y, x + cw, y + ch)), label[y : y + ch, x : x + cw]
 
 
+def rescaled_crop(
+    image: Image.Image, label: np.ndarray, factor: float, crop: tuple[int, int], rng
+) -> tuple[Image.Image, np.ndarray]:
+    """Down-rescale by ``factor`` then take a random ``crop`` — computed in one step.
+
+    Only the source window that becomes the crop is resampled (bilinear image, nearest label,
+    PIL's pixel-centre convention), instead of resizing the whole image first; a rescaled image
+    smaller than the crop falls back to resize-then-pad.
+    """
+    w, h = image.size
+    sw, sh = round(w / factor), round(h / factor)
+    cw, ch = crop
+    if sw < cw or sh < ch:
+        image, label = _resize(image, label, (sw, sh))
+        return random_crop(image, label, crop, rng)
+    x = int(rng.integers(0, sw - cw + 1))
+    y = int(rng.integers(0, sh - ch + 1))
+    sx, sy = w / sw, h / sh  # source pixels per output pixel
+    box = (x * sx, y * sy, (x + cw) * sx, (y + ch) * sy)
+    image = image.resize((cw, ch), Image.BILINEAR, box=box)
+    rows = np.minimum(((y + np.arange(ch) + 0.5) * sy).astype(np.int64), h - 1)
+    cols = np.minimum(((x + np.arange(cw) + 0.5) * sx).astype(np.int64), w - 1)
+    return image, label[np.ix_(rows, cols)]
+
+
 @dataclass
 class SegmentationTransform:
     """Raw shard sample → ``(image tensor (3,H,W) float, label tensor (H,W) long, key)``."""
@@ -152,13 +178,12 @@ class SegmentationTransform:
     def _augment(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
         cfg = self.augment
         image, label = _resize(image, label, self.resize)
+        factor = rng.uniform(cfg.scale_min, cfg.scale_max)
+        image, label = rescaled_crop(image, label, factor, tuple(cfg.crop), rng)
+        # Flipping the crop is the same distribution as cropping the flipped image (the crop
+        # offset is uniform), and 5-10x fewer pixels to move.
         if cfg.flip and rng.random() < 0.5:
             image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label[:, ::-1]
-        factor = rng.uniform(cfg.scale_min, cfg.scale_max)
-        if factor != 1.0:
-            w, h = image.size
-            image, label = _resize(image, label, (round(w / factor), round(h / factor)))
-        image, label = random_crop(image, label, tuple(cfg.crop), rng)
         return color_jitter(image, cfg, rng), label
 
     def _to_tensor(self, image: Image.Image) -> torch.Tensor:
