@@ -174,3 +174,20 @@ def test_local_cancel_stops_the_driver_and_its_jobs(tmp_path, manifest_path):
     while time.monotonic() < deadline and pid_alive(str(job_pid)):
         time.sleep(0.2)
     assert not pid_alive(str(job_pid)), "the stage's rank 0 survived the cancel"
+
+
+def test_debug_executor_runs_the_chain_in_this_process(tmp_path, manifest_path):
+    path = write_chain(
+        tmp_path,
+        manifest_path,
+        {"s1": THREE_STAGES["s1"]},
+        evaluations={"e1": {"stage": "s1", "task_sets": ["1"]}},
+    )
+    run = tmp_path / "run"
+    chain_state = submit_chain(load_chain(str(path)), run, "debug")
+    assert {n: r.state for n, r in chain_state.jobs.items()} == {
+        "s1": "COMPLETED",
+        "e1": "COMPLETED",
+    }
+    assert st.read_status(run, "s1")["world_size"] == 1
+    assert (run / "evals" / "e1" / "metrics.json").is_file()
