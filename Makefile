@@ -10,12 +10,12 @@ DEMO   ?= out/demo
 
 setup: $(STAMP)
 
-# curl: webdataset streams http(s):// shards through the curl command.
+# curl: for `pipe:curl ...` shard URLs (http(s):// itself is streamed by fsspec/aiohttp).
 system-deps:
 	@command -v curl >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl; \
-	  else echo "please install curl (used to stream http(s) shards)" >&2; exit 1; fi; }
+	  else echo "please install curl (used by pipe:curl shard URLs)" >&2; exit 1; fi; }
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt | system-deps
 	$(PYTHON) -m venv $(VENV)

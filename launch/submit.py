@@ -280,11 +280,14 @@ def refresh(chain_state: st.ChainState) -> st.ChainState:
             continue
         status = st.read_status(chain_state.run_dir, record.name)
         record.attempts = int(status.get("attempts", record.attempts))
+        raw = slurm.get(record.job_id, "UNKNOWN")
         if status.get("state") == st.COMPLETED:
-            record.state, record.error = st.COMPLETED, ""
+            # The job reported its outputs; on SLURM it is final once the allocation has ended
+            # too (teardown still runs), so `sacct` and the chain never disagree.
+            ending = st.SLURM_STATES.get(raw) in (st.RUNNING, st.PENDING)
+            record.state, record.error = (st.RUNNING if ending else st.COMPLETED), ""
             continue
         if chain_state.executor == "slurm":
-            raw = slurm.get(record.job_id, "UNKNOWN")
             merged = st.SLURM_STATES.get(raw, record.state)
             if status.get("state") == st.FAILED:
                 merged = st.FAILED

@@ -55,6 +55,40 @@ def moto_server(timeout: float = 60.0) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def gcs_emulator(bucket: str, timeout: float = 60.0) -> Iterator[str]:
+    """``gcp-storage-emulator`` (the GCS JSON API, in memory) in a subprocess with ``bucket``;
+    yields its URL, to be put in ``STORAGE_EMULATOR_HOST`` (gcsfs then needs no credentials)."""
+    port = free_port()
+    exe = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent))
+    command = [exe] if exe else [sys.executable, "-m", "gcp_storage_emulator"]
+    options = ["--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket"]
+    proc = subprocess.Popen(
+        [*command, "start", *options, bucket],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"gcp-storage-emulator did not start on {url}") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
 def static_http(root: Path) -> Iterator[str]:
     """Python's file server on ``root`` (no Range support: resumes must cope with that)."""
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))

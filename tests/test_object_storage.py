@@ -15,7 +15,7 @@ from cil_dist.data.pipeline import ShardSource, build_eval_loader, build_train_l
 from cil_dist.data.reading import ShardChecksumError, ShardReadError
 from cil_dist.distributed import DistEnv
 from shards import cli as shards_cli
-from tests.servers import Fault, ResetProxy, moto_server, static_http
+from tests.servers import Fault, ResetProxy, gcs_emulator, moto_server, static_http
 from tests.test_pipeline import data_config, eval_keys
 
 KEY_ID = "cil-test-key-id"
@@ -390,3 +390,21 @@ def test_chain_validation_reaches_the_s3_manifest_before_submitting(
     assert "Signature" in signed
     text = chain_to_yaml(load_chain(str(path), [f"manifest={signed}"]))
     assert "Signature" not in text and SECRET not in text
+
+
+def test_gs_pack_verify_and_stream_through_a_gcs_emulator(synth_root, manifest_path, monkeypatch):
+    """gs:// end to end against gcp-storage-emulator (gcsfs finds it by STORAGE_EMULATOR_HOST)."""
+    with gcs_emulator("cil-gcs") as url:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+        monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        prefix = "gs://cil-gcs/tiny"
+        args = ["pack", "--cityscapes", str(synth_root), "--out", prefix, "--size", "128x64"]
+        assert shards_cli.main([*args, "--samples-per-shard", "3", "--workers", "2"]) == 0
+        assert shards_cli.main(["verify", f"{prefix}/manifest.json"]) == 0
+        remote, local = Manifest.load(f"{prefix}/manifest.json"), Manifest.load(manifest_path)
+        assert [s.sha256 for r in remote.splits.values() for s in r.shards] == [
+            s.sha256 for r in local.splits.values() for s in r.shards
+        ]
+        source = ShardSource.from_manifest(f"{prefix}/manifest.json", "task2")
+        keys = eval_keys(data_config(f"{prefix}/manifest.json", workers=2), source, world=2)
+        assert set(keys.values()) == {1} and sum(keys.values()) == remote.splits["task2"].samples
