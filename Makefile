@@ -20,7 +20,7 @@ system-deps:
 $(STAMP): setup.cfg pyproject.toml constraints.txt | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,s3,gcs]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,s3,gcs,fast]'
 	touch $(STAMP)
 
 demo: setup

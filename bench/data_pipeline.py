@@ -11,7 +11,7 @@ shards: the local folder, a loopback HTTP server (Python's file server), and S3 
 (moto's server, the shards packed straight into it, read through s3fs), each with its
 samples/s per core and its ratio to local.
 
-    python bench/data_pipeline.py [--frames-per-city 4] [--workers 2] [--epochs 2]
+    python bench/data_pipeline.py [--frames-per-city 6] [--workers 2] [--epochs 6]
                                   [--transports local,http,s3]
 """
 
@@ -134,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames-per-city", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument(
         "--transports", default="", help="comma list of local,http,s3: rows per transport"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import IO, Any
 
 import fsspec
+import fsspec.asyn
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,28 @@ READ_TIMEOUT = 60.0  # seconds without a byte before an http(s) read fails (then
 # scheme://[userinfo@]rest[?query][#fragment]: userinfo, query and fragment may carry secrets
 _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/\s@?#]*@)?(?P<rest>[^\s?#'\"]*)")
 _URL_TAIL = re.compile(r"[?#][^\s'\"]*?(?P<punct>[:;,.)\]]*)(?=[\s'\"]|$)")
+
+
+_loop_at_fork: list[Any] = [None]
+
+
+def _remember_io_loop() -> None:
+    _loop_at_fork[0] = fsspec.asyn.loop[0]
+
+
+def _forget_parent_io_loop() -> None:
+    """In a forked child (a DataLoader worker): fsspec's I/O loop thread stayed behind in the
+    parent, but its loop object still says "running". A filesystem inherited from the parent
+    (an HTTP or S3 session) that is garbage-collected here then waits 1 s for that loop before
+    closing its connections the direct way — a 1 s stall per worker and epoch. Mark the dead
+    loop stopped so the direct way is taken at once."""
+    loop, _loop_at_fork[0] = _loop_at_fork[0], None
+    if loop is not None:
+        loop._thread_id = None  # what asyncio's is_running() reads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_remember_io_loop, after_in_child=_forget_parent_io_loop)
 
 
 @dataclass(frozen=True)
@@ -188,13 +211,14 @@ def sha256_of(url: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def open_stream(url: str, offset: int = 0) -> IO[bytes]:
+def open_stream(url: str, offset: int = 0, size: int | None = None) -> IO[bytes]:
     """A forward-reading byte stream of ``url`` starting at ``offset`` (for resumed reads).
 
     Object stores are read in ranged blocks of ``block_size`` (bounded memory, no download to
     disk first); ``http(s)://`` is one streaming GET, resumed with a ``Range`` request (or, if
     the server ignores ranges, by discarding the first ``offset`` bytes); ``pipe:`` runs the
-    command (it cannot resume).
+    command (it cannot resume). A known ``size`` (from a manifest) spares S3 the metadata request
+    per open.
     """
     protocol = protocol_of(url)
     if protocol == "file":
@@ -210,7 +234,8 @@ def open_stream(url: str, offset: int = 0) -> IO[bytes]:
     fs, path = filesystem(url)
     if protocol in ("http", "https"):
         return _open_http(fs, path, offset)
-    stream = fs.open(path, "rb", block_size=_options.block_size, cache_type="readahead")
+    known = {"size": size} if size is not None and protocol in S3_PROTOCOLS else {}
+    stream = fs.open(path, "rb", block_size=_options.block_size, cache_type="readahead", **known)
     if offset:
         stream.seek(offset)
     return stream

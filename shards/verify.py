@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from cil_dist.data.manifest import Manifest, ShardRef
-from cil_dist.data.reading import READ_CHUNK, ReadPolicy, ResumableStream
+from cil_dist.data.reading import HashingStream, ReadPolicy, ResumableStream, buffered, drain
 from cil_dist.storage import redact_url
 
 log = logging.getLogger(__name__)
@@ -15,15 +14,10 @@ log = logging.getLogger(__name__)
 
 def hash_stream(ref: ShardRef, policy: ReadPolicy) -> tuple[str, int]:
     """SHA-256 and size of a shard, streamed with the reader's retries (nothing on disk)."""
-    digest, size = hashlib.sha256(), 0
-    stream = ResumableStream(ref.url, policy)
-    try:
-        while chunk := stream.read(READ_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    finally:
-        stream.close()
-    return digest.hexdigest(), size
+    hashing = HashingStream(ResumableStream(ref.url, policy), ref.url)
+    with buffered(hashing) as stream:
+        drain(stream)
+    return hashing.digest.hexdigest(), hashing.size
 
 
 def check_shard(ref: ShardRef, policy: ReadPolicy | None = None) -> str | None:

@@ -105,6 +105,14 @@ def test_training_order_is_deterministic_and_changes_per_epoch(manifest_path, pa
     assert torch.equal(images0, images0_again)
     assert keys0 != keys1
 
+    # one loader across epochs: its persistent workers follow set_epoch
+    loader = build_train_loader(cfg, source, lut, DistEnv(1, 2), seed=3)
+    per_epoch = []
+    for epoch in (0, 1, 0):
+        loader.set_epoch(epoch)
+        per_epoch.append([k for b in loader for k in b["key"]])
+    assert per_epoch == [keys0, keys1, keys0]
+
 
 def test_shard_urls_brace_pattern_and_pipe(shard_dir):
     cfg = data_config(workers=0, shards=["x"])

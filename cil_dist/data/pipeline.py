@@ -159,7 +159,15 @@ class ShardStream(IterableDataset):
         self.policy = policy or ReadPolicy()
         self.storage_options = storage_options or storage.options()
         self.skipped = SkipCounter()
-        self.epoch = 0
+        self._epoch = multiprocessing.Value("q", 0, lock=False)  # seen by persistent workers
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = value
 
     def _read(self, piece: ShardSlice) -> Iterator[dict[str, Any]]:
         return iter_slice(piece, self.verify, self.policy, self.skipped.add)
@@ -240,7 +248,9 @@ class EpochLoader:
             num_workers=num_workers,
             pin_memory=pin_memory,
             worker_init_fn=_worker_init if num_workers else None,
-            persistent_workers=False,
+            # workers (and their open HTTP/S3 clients) live as long as the loader; each epoch
+            # re-iterates them with the epoch number set through shared memory
+            persistent_workers=num_workers > 0,
         )
 
     def set_epoch(self, epoch: int) -> None:

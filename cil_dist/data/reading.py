@@ -13,8 +13,10 @@ shard and reports the number of samples lost through a callback (never silently)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
+import io
 import logging
 import tarfile
 import time
@@ -32,6 +34,7 @@ from cil_dist.storage import redact_url
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 16
+READ_BUFFER = 1 << 20  # bytes per transport read under the tar reader
 ON_ERROR = ("fail", "skip")
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -177,31 +180,54 @@ class ResumableStream:
             raw.close()
 
 
-class HashingStream:
-    """A read-only stream wrapper that hashes and counts every byte read through it."""
+class HashingStream(io.RawIOBase):
+    """A read-only raw stream that hashes and counts every byte read through it."""
 
     def __init__(self, raw: IO[bytes], url: str = ""):
+        super().__init__()
         self.raw = raw
         self.url = url
         self.digest = hashlib.sha256()
         self.size = 0
 
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
+    @property
+    def name(self) -> str:  # shown by the buffered reader's repr in webdataset's tar errors
+        return redact_url(self.url)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:
+        data = self.raw.read(len(buffer))
         self.digest.update(data)
         self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        """Read (and hash) whatever the tar reader left unread, e.g. end-of-archive padding."""
-        while self.read(READ_CHUNK):
-            pass
+        buffer[: len(data)] = data
+        return len(data)
 
     def close(self) -> None:
-        self.raw.close()
+        if not self.closed:
+            try:
+                self.raw.close()
+            finally:
+                super().close()
 
     def __str__(self) -> str:  # webdataset appends the stream's str() to tar errors
         return redact_url(self.url)
+
+
+def buffered(stream: HashingStream) -> io.BufferedReader:
+    """Big reads underneath the tar reader's 10 KiB records: one transport call per MiB (or per
+    ranged block of an object store, if ``block_size`` is smaller)."""
+    size = READ_BUFFER
+    if storage.protocol_of(stream.url) not in ("file", "pipe", "http", "https"):
+        size = min(size, storage.options().block_size)
+    return io.BufferedReader(stream, buffer_size=size)
+
+
+def drain(stream: IO[bytes]) -> None:
+    """Read (and so hash) whatever the tar reader left unread, e.g. end-of-archive padding."""
+    while stream.read(READ_CHUNK):
+        pass
 
 
 def open_shard(url: str, policy: ReadPolicy | None = None, size: int | None = None):
@@ -211,7 +237,10 @@ def open_shard(url: str, policy: ReadPolicy | None = None, size: int | None = No
     ``pipe:`` output is what it is, and reported as truncated.
     """
     remote = storage.protocol_of(url) not in ("file", "pipe")
-    return ResumableStream(url, policy or ReadPolicy(), size if remote else None)
+    if not remote:
+        return ResumableStream(url, policy or ReadPolicy())
+    opener = functools.partial(storage.open_stream, size=size)
+    return ResumableStream(url, policy or ReadPolicy(), size, opener)
 
 
 def _member_stream(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
@@ -234,14 +263,15 @@ def iter_shard(
         raw = open_shard(ref.url, policy, ref.bytes)
     except OSError as exc:
         raise ShardReadError(ref.url, None, f"cannot open: {exc}") from exc
-    stream = HashingStream(raw, ref.url)
+    hashing = HashingStream(raw, ref.url)
+    stream = buffered(hashing)
     completed = False
     try:
         for sample in group_by_keys(_member_stream(stream, ref.url)):
             last_key = sample["__key__"]
             count += 1
             yield sample
-        stream.drain()
+        drain(stream)
         completed = True
     except RetriesExhaustedError as exc:
         raise ShardReadError(ref.url, last_key, f"transfer failed: {exc}") from exc
@@ -260,15 +290,15 @@ def iter_shard(
         raise ShardChecksumError(
             ref.url, last_key, f"holds {count} samples, the manifest says {ref.samples}"
         )
-    if ref.bytes is not None and stream.size != ref.bytes:
+    if ref.bytes is not None and hashing.size != ref.bytes:
         raise ShardChecksumError(
-            ref.url, last_key, f"is {stream.size} bytes, the manifest says {ref.bytes}"
+            ref.url, last_key, f"is {hashing.size} bytes, the manifest says {ref.bytes}"
         )
-    if ref.sha256 and stream.digest.hexdigest() != ref.sha256:
+    if ref.sha256 and hashing.digest.hexdigest() != ref.sha256:
         raise ShardChecksumError(
             ref.url,
             last_key,
-            f"sha256 {stream.digest.hexdigest()} does not match the manifest's {ref.sha256}",
+            f"sha256 {hashing.digest.hexdigest()} does not match the manifest's {ref.sha256}",
         )
 
 

@@ -20,6 +20,11 @@ import torch
 from PIL import Image, ImageEnhance
 
 from cil_dist import labels
+
+try:  # optional accelerator (extra "fast"): libspng PNG decoding
+    import pyspng
+except ImportError:  # pragma: no cover - PIL decodes everything
+    pyspng = None
 from cil_dist.config import AugmentConfig
 
 IMAGE_MEMBERS = ("image.png", "image.jpg", "image.jpeg")
@@ -35,8 +40,23 @@ def _where(sample: dict[str, Any]) -> str:
     return f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')!r}"
 
 
+def _fast_png(data: bytes, channels: int) -> np.ndarray | None:
+    """An 8-bit PNG decoded by libspng (pyspng, about twice PIL's speed), or None when pyspng
+    is not installed or the PNG is not plain 8-bit with ``channels`` channels (PIL then)."""
+    if pyspng is None:
+        return None
+    try:
+        array = pyspng.load(data)
+    except Exception:  # PIL decodes again and names the problem
+        return None
+    shape_ok = array.ndim == 2 if channels == 1 else array.ndim == 3 and array.shape[2] == channels
+    return array if shape_ok and array.dtype == np.uint8 else None
+
+
 def decode_image(sample: dict[str, Any]) -> Image.Image:
     """The sample's RGB image (PNG or JPEG member)."""
+    if "image.png" in sample and (array := _fast_png(sample["image.png"], 3)) is not None:
+        return Image.fromarray(array, "RGB")
     for name in IMAGE_MEMBERS:
         if name in sample:
             try:
@@ -52,13 +72,17 @@ def decode_label(sample: dict[str, Any]) -> np.ndarray:
     """The sample's raw Cityscapes label ids as a uint8 (H, W) array, validated."""
     if LABEL_MEMBER not in sample:
         raise SampleError(f"{_where(sample)}: no {LABEL_MEMBER} member (have {sorted(sample)})")
-    try:
-        image = Image.open(io.BytesIO(sample[LABEL_MEMBER]))
-        ids = np.asarray(image)
-    except Exception as exc:
-        raise SampleError(f"{_where(sample)}: cannot decode {LABEL_MEMBER}: {exc}") from exc
-    if ids.ndim != 2:
-        raise SampleError(f"{_where(sample)}: label must be single-channel, got mode {image.mode}")
+    ids = _fast_png(sample[LABEL_MEMBER], 1)
+    if ids is None:
+        try:
+            image = Image.open(io.BytesIO(sample[LABEL_MEMBER]))
+            ids = np.asarray(image)
+        except Exception as exc:
+            raise SampleError(f"{_where(sample)}: cannot decode {LABEL_MEMBER}: {exc}") from exc
+        if ids.ndim != 2:
+            raise SampleError(
+                f"{_where(sample)}: label must be single-channel, got mode {image.mode}"
+            )
     if ids.dtype != np.uint8:
         if ids.min() < 0 or ids.max() > 255:
             raise SampleError(f"{_where(sample)}: label values outside 0..255")
