@@ -3,7 +3,9 @@
 Both produce identical tensors shapes with the same augmentation (SEED_FACTS): the folder
 loader opens the full-resolution 2048x1024 PNG image and label of each frame and resizes to
 1024x512 per sample, as the reference did; the shard pipeline streams 1024x512 PNGs from
-webdataset shards. Both run with the same number of DataLoader workers, measured in this run.
+webdataset shards, ships uint8 tensors and normalises them in the training process (as the
+trainer does on its device). Both run with the same number of DataLoader workers, measured in
+this run, and are timed until float images and int64 labels are in the training process.
 The last line is ``ratio=X.XX`` (shard pipeline / folder loader, samples/s per core).
 
 ``--transports local,http,s3`` adds, before that line, one row per way of reaching the same
@@ -33,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cil_dist import storage
 from cil_dist.config import DataConfig
-from cil_dist.data.pipeline import ShardSource, build_train_loader
+from cil_dist.data.pipeline import EpochLoader, ShardSource, build_train_loader
 from cil_dist.data.transforms import SegmentationTransform
 from cil_dist.distributed import DistEnv
 from cil_dist.logs import setup_logging
@@ -73,14 +75,20 @@ class FolderDataset(Dataset):
         return image, label
 
 
-def throughput(loader, epochs: int, set_epoch=None) -> tuple[float, int, tuple]:
+def throughput(loader, epochs: int) -> tuple[float, int, tuple]:
+    """Samples/s until float, normalised images and int64 labels are in the training process
+    (the shard loaders ship uint8 and normalise there, as the trainer does on its device)."""
     count, shape = 0, None
     start = time.perf_counter()
     for epoch in range(epochs):
-        if set_epoch:
-            set_epoch(epoch)
+        if isinstance(loader, EpochLoader):
+            loader.set_epoch(epoch)
         for batch in loader:
-            images = batch["image"] if isinstance(batch, dict) else batch[0]
+            if isinstance(loader, EpochLoader):
+                images, labels = loader.to_device(batch, "cpu")
+            else:
+                images, labels = batch
+            assert images.dtype == torch.float32 and labels.dtype == torch.int64
             count += images.shape[0]
             shape = tuple(images.shape[1:])
     return count / (time.perf_counter() - start), count, shape
@@ -125,7 +133,7 @@ def transport_rows(args, out: Path, root: Path, protocol, lut) -> list[tuple[str
             )
             source = ShardSource.from_config(cfg, "task1")
             loader = build_train_loader(cfg, source, lut, DistEnv(), seed=0)
-            rate, count, _ = throughput(loader, args.epochs, loader.set_epoch)
+            rate, count, _ = throughput(loader, args.epochs)
             rows.append((kind, rate, count))
     return rows
 
@@ -170,9 +178,7 @@ def main() -> None:
         )
         cores = max(1, args.workers)
         folder_rate, folder_n, folder_shape = throughput(folder_loader, args.epochs)
-        shard_rate, shard_n, shard_shape = throughput(
-            shard_loader, args.epochs, shard_loader.set_epoch
-        )
+        shard_rate, shard_n, shard_shape = throughput(shard_loader, args.epochs)
         rows = transport_rows(args, out, root, protocol, lut)
     assert folder_shape == shard_shape, (folder_shape, shard_shape)
     print(f"frames: {len(folder)} (task 1 cities), source 2048x1024 PNG, shards 1024x512 PNG")

@@ -53,8 +53,7 @@ def evaluate(
     model.eval()
     with torch.inference_mode():
         for batch in loader:
-            images = batch["image"].to(env.device, non_blocking=True)
-            labels = batch["label"].to(env.device, non_blocking=True)
+            images, labels = loader.to_device(batch, env.device)
             with precision.autocast():
                 logits = model(images)
             logits = upsample_logits(logits.float(), tuple(labels.shape[-2:]))

@@ -79,8 +79,7 @@ def stage_loss(plan: StagePlan, cfg: TrainConfig, logits, teacher_logits, labels
 def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv):
     """One optimiser step; returns the detached loss parts."""
     memory = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    images = batch["image"].to(env.device, non_blocking=True, memory_format=memory)
-    labels = batch["label"].to(env.device, non_blocking=True)
+    images, labels = parts.loader.to_device(batch, env.device, memory)
     parts.optimizer.zero_grad(set_to_none=True)
     teacher_logits = (
         teacher_forward(parts.teacher, images, parts.precision) if parts.teacher else None

@@ -71,7 +71,9 @@ def test_training_gives_every_rank_the_same_number_of_full_batches(
         assert len(batches) == expected
         for batch in batches:
             assert batch["image"].shape == (2, 3, CROP[1], CROP[0])
-            assert batch["image"].dtype == torch.float32
+            assert batch["image"].dtype == batch["label"].dtype == torch.uint8
+            images, labels = loader.to_device(batch, "cpu")
+            assert images.dtype == torch.float32 and labels.dtype == torch.int64
             assert batch["label"].shape == (2, CROP[1], CROP[0])
             assert set(batch["label"].unique().tolist()) <= set(range(5)) | {255}
 

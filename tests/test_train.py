@@ -47,13 +47,14 @@ def test_teacher_is_frozen_inference_only_and_outside_the_graph(
     assert parts.teacher is not None and not parts.teacher.training
     assert not any(p.requires_grad for p in parts.teacher.parameters())
     batch = next(iter(parts.loader))
+    images, labels = parts.loader.to_device(batch, env.device)
 
-    teacher_logits = teacher_forward(parts.teacher, batch["image"], parts.precision)
+    teacher_logits = teacher_forward(parts.teacher, images, parts.precision)
     assert teacher_logits.is_inference() and teacher_logits.grad_fn is None
     assert teacher_logits.shape[1] == 5
     with parts.precision.autocast():
-        logits = parts.student(batch["image"])
-    total, _ce, kd = stage_loss(parts.plan, cfg, logits, teacher_logits, batch["label"])
+        logits = parts.student(images)
+    total, _ce, kd = stage_loss(parts.plan, cfg, logits, teacher_logits, labels)
     leaves = graph_leaves(total)
     assert leaves >= {id(p) for p in parts.student.parameters()}
     assert not leaves & {id(p) for p in parts.teacher.parameters()}
@@ -141,8 +142,9 @@ def test_bf16_autocast_trains_on_cpu(manifest_path, tmp_path):
     cfg.precision.dtype = "bf16"
     parts = build(cfg, DistEnv())
     batch = next(iter(parts.loader))
+    images, _ = parts.loader.to_device(batch, "cpu")
     with parts.precision.autocast():
-        assert parts.student(batch["image"]).dtype == torch.bfloat16
+        assert parts.student(images).dtype == torch.bfloat16
     before = parts.bare_student.decoder.output_conv.weight.detach().clone()
     total, _ce, kd = train_step(parts, cfg, batch, DistEnv())
     assert total.dtype == torch.float32 and torch.isfinite(total) and kd.item() == 0

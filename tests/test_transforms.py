@@ -6,10 +6,11 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cil_dist.config import AugmentConfig
-from cil_dist.data.transforms import SampleError, SegmentationTransform
+from cil_dist.data.transforms import Normalize, SampleError, SegmentationTransform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -65,6 +66,19 @@ def test_color_jitter_is_seeded():
     b = transform(two_halves(), np.random.default_rng(5))[0]
     c = transform(two_halves(), np.random.default_rng(6))[0]
     assert (a == b).all() and not (a == c).all()
+
+
+def test_compact_output_normalised_on_device_equals_the_float_output():
+    augment = AugmentConfig(crop=[64, 32])
+    full = SegmentationTransform((128, 64), MEAN, STD, augment=augment)
+    compact = SegmentationTransform((128, 64), MEAN, STD, augment=augment, compact=True)
+    image, label, _ = full(two_halves(), np.random.default_rng(3))
+    small_image, small_label, _ = compact(two_halves(), np.random.default_rng(3))
+    assert small_image.dtype == small_label.dtype == torch.uint8
+    batch = {"image": small_image[None], "label": small_label[None]}
+    images, labels = Normalize(MEAN, STD)(batch, "cpu", torch.channels_last)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(images[0], image, atol=1e-5) and torch.equal(labels[0], label)
 
 
 def test_evaluation_resizes_image_keeps_raw_labels():

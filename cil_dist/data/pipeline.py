@@ -14,6 +14,8 @@ The recipe (it avoids webdataset's known multi-rank traps by construction):
    the quotas of a rank's workers add up to that number — so no rank runs out early and DDP
    never hangs at an epoch's end. **Evaluation** reads every sample exactly once across all
    ranks and workers (last batches may be partial).
+   Batches carry uint8 images and labels (a fifth of the bytes of float/int64 between worker
+   processes and to the GPU); :attr:`EpochLoader.to_device` normalises them on the device.
 5. A shard whose transfer fails is re-opened at its byte offset (``data.read_retries``); when
    that is exhausted, ``data.on_shard_error: skip`` skips it and counts the samples lost
    (:attr:`EpochLoader.skipped`, summed over workers), training still cycling to its quota so
@@ -49,7 +51,7 @@ from cil_dist.data.shardlist import (
     slot_of,
     worker_quota,
 )
-from cil_dist.data.transforms import SegmentationTransform
+from cil_dist.data.transforms import Normalize, SegmentationTransform
 from cil_dist.distributed import DistEnv
 
 log = logging.getLogger(__name__)
@@ -242,6 +244,8 @@ class EpochLoader:
 
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False):
         self.stream = stream
+        transform = stream.transform
+        self.to_device = Normalize(transform.mean, transform.std)  # batch -> model input
         self.loader = DataLoader(
             stream,
             batch_size=None,
@@ -275,7 +279,8 @@ class EpochLoader:
 def build_train_loader(
     cfg: DataConfig, source: ShardSource, lut: np.ndarray, env: DistEnv, seed: int
 ) -> EpochLoader:
-    """Training batches: ``{"image", "label" (channels or 255), "key"}``, equal count per rank."""
+    """Training batches ``{"image" uint8, "label" uint8 (channels or 255), "key"}``, equal count
+    per rank; ``loader.to_device(batch, device)`` gives the model's input and int64 labels."""
     total = source.samples if source.samples is not None else cfg.samples_per_epoch
     if not total:
         raise ConfigError(
@@ -288,7 +293,12 @@ def build_train_loader(
             f"world_size × batch_size = {env.world_size} × {cfg.batch_size}"
         )
     transform = SegmentationTransform(
-        tuple(cfg.resize), tuple(cfg.mean), tuple(cfg.std), lut=lut, augment=cfg.augment
+        tuple(cfg.resize),
+        tuple(cfg.mean),
+        tuple(cfg.std),
+        lut=lut,
+        augment=cfg.augment,
+        compact=True,
     )
     stream = ShardStream(
         source,
@@ -318,7 +328,9 @@ def build_eval_loader(
     cfg: DataConfig, source: ShardSource, env: DistEnv, lut: np.ndarray | None = None
 ) -> EpochLoader:
     """Evaluation batches (every sample once across ranks); raw label ids unless ``lut``."""
-    transform = SegmentationTransform(tuple(cfg.resize), tuple(cfg.mean), tuple(cfg.std), lut=lut)
+    transform = SegmentationTransform(
+        tuple(cfg.resize), tuple(cfg.mean), tuple(cfg.std), lut=lut, compact=True
+    )
     stream = ShardStream(
         source,
         transform,
