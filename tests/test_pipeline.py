@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import http.server
 import shutil
+import subprocess
+import sys
+import textwrap
 import threading
 from collections import Counter
 
@@ -114,6 +117,30 @@ def test_training_order_is_deterministic_and_changes_per_epoch(manifest_path, pa
         loader.set_epoch(epoch)
         per_epoch.append([k for b in loader for k in b["key"]])
     assert per_epoch == [keys0, keys1, keys0]
+
+
+def test_a_process_holding_a_loader_with_persistent_workers_exits(manifest_path):
+    """The workers ignore SIGTERM, so multiprocessing's exit hook alone would wait forever."""
+    script = textwrap.dedent(
+        f"""
+        from cil_dist.config import AugmentConfig, DataConfig
+        from cil_dist.data.pipeline import ShardSource, build_train_loader
+        from cil_dist.distributed import DistEnv
+        from cil_dist.protocol import TaskProtocol
+
+        cfg = DataConfig(manifest={manifest_path!r}, resize=[128, 64], batch_size=2,
+                         num_workers=2, augment=AugmentConfig(crop=[64, 32]))
+        lut = TaskProtocol.load("cityscapes_cil").stage_lut(1)
+        loader = build_train_loader(cfg, ShardSource.from_config(cfg, "task1"), lut, DistEnv(), 0)
+        batches = iter(loader)
+        next(batches)  # module-level loader, its epoch not finished: alive at exit
+        print("ready", flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "ready" in done.stdout, done.stderr
 
 
 def test_shard_urls_brace_pattern_and_pipe(shard_dir):

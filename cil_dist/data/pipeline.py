@@ -24,6 +24,7 @@ The recipe (it avoids webdataset's known multi-rank traps by construction):
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -32,6 +33,7 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from weakref import WeakSet
 
 import numpy as np
 import torch
@@ -239,8 +241,22 @@ def _worker_init(_: int) -> None:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+_OPEN_LOADERS: WeakSet[EpochLoader] = WeakSet()
+
+
+@atexit.register  # runs before multiprocessing's own exit hook, which would wait forever
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
+
+
 class EpochLoader:
-    """A DataLoader over a :class:`ShardStream` with ``set_epoch`` and a known length."""
+    """A DataLoader over a :class:`ShardStream` with ``set_epoch`` and a known length.
+
+    Its workers persist across epochs and ignore SIGTERM (SLURM's preemption signal is the
+    training process's business), so they are stopped explicitly: by :meth:`close`, when the
+    loader is garbage-collected, or at interpreter exit.
+    """
 
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False):
         self.stream = stream
@@ -256,6 +272,13 @@ class EpochLoader:
             # re-iterates them with the epoch number set through shared memory
             persistent_workers=num_workers > 0,
         )
+        _OPEN_LOADERS.add(self)
+
+    def close(self) -> None:
+        """Stop the persistent worker processes (a later iteration starts new ones)."""
+        iterator, self.loader._iterator = getattr(self.loader, "_iterator", None), None
+        if iterator is not None:
+            iterator._shutdown_workers()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's shard permutation and augmentation seeds (call before iterating)."""
