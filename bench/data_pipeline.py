@@ -13,7 +13,8 @@ shards: the local folder, a loopback HTTP server (Python's file server), and S3 
 (moto's server, the shards packed straight into it, read through s3fs), each with its
 samples/s per core and its ratio to local.
 
-    python bench/data_pipeline.py [--frames-per-city 6] [--workers 2] [--epochs 6]
+    python bench/data_pipeline.py [--frames-per-city 6] [--samples-per-shard 4] [--workers 2]
+                                  [--epochs 6]
                                   [--transports local,http,s3]
 """
 
@@ -95,7 +96,7 @@ def throughput(loader, epochs: int) -> tuple[float, int, tuple]:
 
 
 @contextlib.contextmanager
-def transport_manifest(kind: str, out: Path, root: Path, protocol) -> object:
+def transport_manifest(kind: str, out: Path, root: Path, protocol, per_shard: int) -> object:
     """The manifest URL of the same shards reached through ``kind`` (local, http, s3)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test servers
     from tests.servers import moto_server, static_http
@@ -114,7 +115,7 @@ def transport_manifest(kind: str, out: Path, root: Path, protocol) -> object:
 
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
             storage.configure(endpoint_url=endpoint)
-            pack(root, "s3://bench/shards", protocol, size=(1024, 512), samples_per_shard=4)
+            pack(root, "s3://bench/shards", protocol, size=(1024, 512), samples_per_shard=per_shard)
             yield "s3://bench/shards/manifest.json"
             storage.configure(endpoint_url="")
     else:
@@ -124,7 +125,7 @@ def transport_manifest(kind: str, out: Path, root: Path, protocol) -> object:
 def transport_rows(args, out: Path, root: Path, protocol, lut) -> list[tuple[str, float, int]]:
     rows = []
     for kind in [t for t in args.transports.split(",") if t]:
-        with transport_manifest(kind, out, root, protocol) as manifest:
+        with transport_manifest(kind, out, root, protocol, args.samples_per_shard) as manifest:
             cfg = DataConfig(
                 manifest=manifest,
                 batch_size=args.batch_size,
@@ -141,6 +142,9 @@ def transport_rows(args, out: Path, root: Path, protocol, lut) -> list[tuple[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames-per-city", type=int, default=6)
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=4, help="cil-shards pack's default is 16"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=6)
@@ -155,7 +159,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root, out = Path(tmp) / "cityscapes", Path(tmp) / "shards"
         generate(root, protocol, images_per_city=args.frames_per_city, size=(2048, 1024), seed=0)
-        pack(root, str(out), protocol, size=(1024, 512), samples_per_shard=4)
+        pack(root, str(out), protocol, size=(1024, 512), samples_per_shard=args.samples_per_shard)
         cfg = DataConfig(
             manifest=str(out / "manifest.json"),
             batch_size=args.batch_size,
