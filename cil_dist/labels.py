@@ -10,7 +10,15 @@ from functools import cache
 import numpy as np
 from cityscapesscripts.helpers.labels import Label, labels, name2label
 
-__all__ = ["MAX_LABEL_ID", "Label", "by_id", "by_name", "palette", "valid_label_ids"]
+__all__ = [
+    "MAX_LABEL_ID",
+    "Label",
+    "by_id",
+    "by_name",
+    "checked_label_ids",
+    "palette",
+    "valid_label_ids",
+]
 
 MAX_LABEL_ID = max(label.id for label in labels)
 
@@ -42,6 +50,24 @@ def valid_label_ids() -> np.ndarray:
         if label.id >= 0:
             valid[label.id] = True
     return valid
+
+
+def checked_label_ids(ids: np.ndarray, mode: str = "") -> np.ndarray:
+    """``ids`` as a uint8 (H, W) array of Cityscapes label ids; ValueError saying what is wrong
+    (not single-channel, or the values that are no label id). ``mode``: the PNG's, for the
+    message."""
+    if ids.ndim != 2:
+        raise ValueError(f"label must be single-channel label ids, got mode {mode or ids.shape}")
+    if ids.dtype != np.uint8:
+        if ids.min() < 0 or ids.max() > 255:
+            bad = sorted({int(v) for v in np.unique(ids) if not 0 <= v <= 255})
+            raise ValueError(f"label ids {bad} are not Cityscapes label ids")
+        ids = ids.astype(np.uint8)
+    valid = valid_label_ids()
+    if not valid[ids].all():
+        bad = sorted(int(v) for v in np.unique(ids[~valid[ids]]))
+        raise ValueError(f"label ids {bad} are not Cityscapes label ids")
+    return ids
 
 
 def palette(label_ids: list[int]) -> np.ndarray:

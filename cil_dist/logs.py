@@ -18,7 +18,7 @@ class CurrentStderrHandler(logging.StreamHandler):
 
     @stream.setter
     def stream(self, _value) -> None:
-        pass
+        """Ignored: logging.StreamHandler assigns it; the stream is always sys.stderr."""
 
 
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:

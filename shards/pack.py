@@ -143,25 +143,16 @@ def load_pair(frame: Frame, root: Path) -> tuple[Image.Image, np.ndarray]:
         ids = np.asarray(label_image)
     except Exception as exc:
         raise PackError(f"{frame.label} (key {frame.key}): cannot read label: {exc}") from exc
-    if ids.ndim != 2:
-        raise PackError(
-            f"{frame.label} (key {frame.key}): label must be single-channel label ids, "
-            f"got mode {label_image.mode}"
-        )
+    try:
+        ids = labels.checked_label_ids(ids, label_image.mode)
+    except ValueError as exc:
+        raise PackError(f"{frame.label} (key {frame.key}): {exc}") from exc
     if image.size != (ids.shape[1], ids.shape[0]):
         raise PackError(
             f"{frame.image} is {image.size[0]}x{image.size[1]} but {frame.label} is "
             f"{ids.shape[1]}x{ids.shape[0]} (key {frame.key})"
         )
-    in_range = (ids >= 0) & (ids <= 255)
-    valid = in_range.all() and labels.valid_label_ids()[ids.astype(np.int64).clip(0, 255)].all()
-    if not valid:
-        table = labels.valid_label_ids()
-        bad = sorted({int(v) for v in np.unique(ids) if not 0 <= v <= 255 or not table[int(v)]})
-        raise PackError(
-            f"{frame.label} (key {frame.key}): label ids {bad} are not Cityscapes label ids"
-        )
-    return image.convert("RGB"), ids.astype(np.uint8)
+    return image.convert("RGB"), ids
 
 
 def sample_of(frame: Frame, job: ShardJob) -> dict:

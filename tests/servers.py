@@ -23,26 +23,25 @@ from tests.helpers import free_port
 
 
 @contextlib.contextmanager
-def moto_server(timeout: float = 60.0) -> Iterator[str]:
-    """``moto_server`` (S3 API, in memory) in a subprocess; yields its endpoint URL."""
+def _server_process(name: str, module: str, args: list[str], ready_path: str, timeout: float):
+    """Run the server ``name`` (its console script, else ``python -m module``) with ``args``
+    (``{port}`` filled in) on 127.0.0.1 until ``ready_path`` answers; yields its URL, stops it
+    afterwards."""
     port = free_port()
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent))
-    command = [exe] if exe else [sys.executable, "-m", "moto.server"]
-    proc = subprocess.Popen(
-        [*command, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    exe = shutil.which(name, path=str(Path(sys.executable).parent))
+    launcher = [exe] if exe else [sys.executable, "-m", module]
+    argv = [*launcher, *(arg.format(port=port) for arg in args)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
+                with urllib.request.urlopen(f"{url}{ready_path}", timeout=2):
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {url}") from None
+                    raise RuntimeError(f"{name} did not start on {url}") from None
                 time.sleep(0.2)
         yield url
     finally:
@@ -55,37 +54,24 @@ def moto_server(timeout: float = 60.0) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def moto_server(timeout: float = 60.0) -> Iterator[str]:
+    """``moto_server`` (S3 API, in memory) in a subprocess; yields its endpoint URL."""
+    with _server_process(
+        "moto_server", "moto.server", ["-H", "127.0.0.1", "-p", "{port}"], "/moto-api/", timeout
+    ) as url:
+        yield url
+
+
+@contextlib.contextmanager
 def gcs_emulator(bucket: str, timeout: float = 60.0) -> Iterator[str]:
     """``gcp-storage-emulator`` (the GCS JSON API, in memory) in a subprocess with ``bucket``;
     yields its URL, to be put in ``STORAGE_EMULATOR_HOST`` (gcsfs then needs no credentials)."""
-    port = free_port()
-    exe = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent))
-    command = [exe] if exe else [sys.executable, "-m", "gcp_storage_emulator"]
-    options = ["--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket"]
-    proc = subprocess.Popen(
-        [*command, "start", *options, bucket],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"gcp-storage-emulator did not start on {url}") from None
-                time.sleep(0.2)
+    options = ["--host", "127.0.0.1", "--port", "{port}", "--in-memory", "--default-bucket"]
+    ready = f"/storage/v1/b/{bucket}"
+    with _server_process(
+        "gcp-storage-emulator", "gcp_storage_emulator", ["start", *options, bucket], ready, timeout
+    ) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager

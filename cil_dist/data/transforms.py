@@ -72,26 +72,17 @@ def decode_label(sample: dict[str, Any]) -> np.ndarray:
     """The sample's raw Cityscapes label ids as a uint8 (H, W) array, validated."""
     if LABEL_MEMBER not in sample:
         raise SampleError(f"{_where(sample)}: no {LABEL_MEMBER} member (have {sorted(sample)})")
-    ids = _fast_png(sample[LABEL_MEMBER], 1)
+    ids, mode = _fast_png(sample[LABEL_MEMBER], 1), "L"
     if ids is None:
         try:
             image = Image.open(io.BytesIO(sample[LABEL_MEMBER]))
-            ids = np.asarray(image)
+            ids, mode = np.asarray(image), image.mode
         except Exception as exc:
             raise SampleError(f"{_where(sample)}: cannot decode {LABEL_MEMBER}: {exc}") from exc
-        if ids.ndim != 2:
-            raise SampleError(
-                f"{_where(sample)}: label must be single-channel, got mode {image.mode}"
-            )
-    if ids.dtype != np.uint8:
-        if ids.min() < 0 or ids.max() > 255:
-            raise SampleError(f"{_where(sample)}: label values outside 0..255")
-        ids = ids.astype(np.uint8)
-    valid = labels.valid_label_ids()
-    if not valid[ids].all():
-        bad = sorted(int(v) for v in np.unique(ids[~valid[ids]]))
-        raise SampleError(f"{_where(sample)}: label ids {bad} are not Cityscapes label ids")
-    return ids
+    try:
+        return labels.checked_label_ids(ids, mode)
+    except ValueError as exc:
+        raise SampleError(f"{_where(sample)}: {exc}") from exc
 
 
 def _resize(image: Image.Image, label: np.ndarray, size: tuple[int, int]):
