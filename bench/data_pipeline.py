@@ -9,13 +9,15 @@ this run, and are timed until float images and int64 labels are in the training 
 The last line is ``ratio=X.XX`` (shard pipeline / folder loader, samples/s per core).
 
 ``--transports local,http,s3`` adds, before that line, one row per way of reaching the same
-shards: the local folder, a loopback HTTP server (Python's file server), and S3 on loopback
-(moto's server, the shards packed straight into it, read through s3fs), each with its
-samples/s per core and its ratio to local.
+shards: the local folder, a loopback HTTP server (Python's file server), S3 on loopback
+(moto's server, the shards packed straight into it, read through s3fs) and ``s3+<N>ms``, the
+same S3 behind a proxy that holds every request N ms (a distant store's time to first byte),
+each with its samples/s per core and its ratio to local. ``--read-ahead 0`` turns off the
+reading thread, to see what it buys.
 
     python bench/data_pipeline.py [--frames-per-city 6] [--samples-per-shard 4] [--workers 2]
                                   [--epochs 6]
-                                  [--transports local,http,s3]
+                                  [--transports local,http,s3,s3+30ms] [--read-ahead 16]
 """
 
 from __future__ import annotations
@@ -99,14 +101,14 @@ def throughput(loader, epochs: int) -> tuple[float, int, tuple]:
 def transport_manifest(kind: str, out: Path, root: Path, protocol, per_shard: int) -> object:
     """The manifest URL of the same shards reached through ``kind`` (local, http, s3)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test servers
-    from tests.servers import moto_server, static_http
+    from tests.servers import ResetProxy, moto_server, static_http
 
     if kind == "local":
         yield str(out / "manifest.json")
     elif kind == "http":
         with static_http(out) as url:
             yield f"{url}/manifest.json"
-    elif kind == "s3":
+    elif kind == "s3" or kind.startswith("s3+"):
         for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench")):
             os.environ.setdefault(name, value)
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -116,10 +118,24 @@ def transport_manifest(kind: str, out: Path, root: Path, protocol, per_shard: in
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
             storage.configure(endpoint_url=endpoint)
             pack(root, "s3://bench/shards", protocol, size=(1024, 512), samples_per_shard=per_shard)
-            yield "s3://bench/shards/manifest.json"
-            storage.configure(endpoint_url="")
+            proxy = ResetProxy(endpoint, latency=store_latency(kind)) if kind != "s3" else None
+            storage.configure(endpoint_url=proxy.url if proxy else endpoint)
+            try:
+                yield "s3://bench/shards/manifest.json"
+            finally:
+                if proxy:
+                    proxy.close()
+                storage.configure(endpoint_url="")
     else:
-        raise SystemExit(f"--transports: unknown {kind!r} (local, http, s3)")
+        raise SystemExit(f"--transports: unknown {kind!r} (local, http, s3, s3+<N>ms)")
+
+
+def store_latency(kind: str) -> float:
+    """Seconds of ``s3+<N>ms``: S3 behind a proxy that delays every request by N ms."""
+    text = kind.removeprefix("s3+")
+    if not text.endswith("ms") or not text[:-2].isdigit():
+        raise SystemExit(f"--transports: {kind!r}: expected s3+<N>ms, e.g. s3+30ms")
+    return int(text[:-2]) / 1000
 
 
 def transport_rows(args, out: Path, root: Path, protocol, lut) -> list[tuple[str, float, int]]:
@@ -131,6 +147,7 @@ def transport_rows(args, out: Path, root: Path, protocol, lut) -> list[tuple[str
                 batch_size=args.batch_size,
                 num_workers=args.workers,
                 shuffle_buffer=16,
+                read_ahead=args.read_ahead,
             )
             source = ShardSource.from_config(cfg, "task1")
             loader = build_train_loader(cfg, source, lut, DistEnv(), seed=0)
@@ -149,7 +166,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument(
-        "--transports", default="", help="comma list of local,http,s3: rows per transport"
+        "--read-ahead",
+        type=int,
+        default=DataConfig.read_ahead,
+        help="data.read_ahead of the shard loaders (0: read in the decoding thread)",
+    )
+    parser.add_argument(
+        "--transports",
+        default="",
+        help="comma list of local,http,s3,s3+<N>ms (S3 with N ms added per request): a row each",
     )
     args = parser.parse_args()
     setup_logging(0)
@@ -165,6 +190,7 @@ def main() -> None:
             batch_size=args.batch_size,
             num_workers=args.workers,
             shuffle_buffer=16,
+            read_ahead=args.read_ahead,
         )
         lut = protocol.stage_lut(1)
         source = ShardSource.from_manifest(cfg.manifest, "task1")
@@ -186,7 +212,10 @@ def main() -> None:
         rows = transport_rows(args, out, root, protocol, lut)
     assert folder_shape == shard_shape, (folder_shape, shard_shape)
     print(f"frames: {len(folder)} (task 1 cities), source 2048x1024 PNG, shards 1024x512 PNG")
-    print(f"workers: {args.workers}, batch {args.batch_size}, output {shard_shape}")
+    print(
+        f"workers: {args.workers}, batch {args.batch_size}, output {shard_shape}, "
+        f"read ahead {args.read_ahead} samples"
+    )
     print(
         f"folder loader (reference style): {folder_rate / cores:7.2f} samples/s/core "
         f"({folder_n} samples)"

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cil_dist import storage
+from cil_dist import signals, storage
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, **payload: Any) -> None:
-    """Write ``payload`` (plus the format tag) atomically to ``path``."""
+    """Write ``payload`` (plus the format tag) atomically to ``path``; a preemption signal that
+    arrives meanwhile is handled once the file is complete."""
     payload = {"format": FORMAT, **payload}
-    with storage.open_for_write(str(path)) as stream:
+    with signals.deferred(), storage.open_for_write(str(path)) as stream:
         torch.save(payload, stream)
     log.info("saved checkpoint %s", path)
 

@@ -234,8 +234,11 @@ def open_stream(url: str, offset: int = 0, size: int | None = None) -> IO[bytes]
     fs, path = filesystem(url)
     if protocol in ("http", "https"):
         return _open_http(fs, path, offset)
-    known = {"size": size} if size is not None and protocol in S3_PROTOCOLS else {}
-    stream = fs.open(path, "rb", block_size=_options.block_size, cache_type="readahead", **known)
+    known = size is not None and protocol in S3_PROTOCOLS
+    extra = {"size": size} if known else {}
+    stream = fs.open(path, "rb", block_size=_options.block_size, cache_type="readahead", **extra)
+    if known:  # else s3fs asks for them (a HEAD request) on the first ranged GET of every open
+        stream.details = {"name": path, "size": size, "type": "file"}
     if offset:
         stream.seek(offset)
     return stream

@@ -44,8 +44,10 @@ class ChainJob(submitit.helpers.Checkpointable):
     def __init__(self, spec: JobSpec, run_dir: str):
         self.spec = spec
         self.run_dir = run_dir
+        self._preempted = False  # set in this process when submitit calls checkpoint()
 
     def __call__(self) -> str:
+        self._preempted = False  # the requeued copy of this object was pickled with True
         rank, world_size, job_id = export_distributed_env()
         if rank == 0:
             attempt = state.job_started(self.run_dir, self.spec.name, job_id, world_size)
@@ -53,7 +55,10 @@ class ChainJob(submitit.helpers.Checkpointable):
         try:
             result = self.run()
         except Exception as exc:
-            if rank == 0:
+            # submitit ends a preempted task by raising SystemExit wherever it is; code in
+            # between (a file writer's cleanup) may turn that into another error. The job is
+            # requeued all the same: record it as pending, not failed.
+            if rank == 0 and not self._preempted:
                 state.job_failed(self.run_dir, self.spec.name, exc)
             raise
         if rank == 0:
@@ -65,6 +70,7 @@ class ChainJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 when SLURM signals preemption or the time limit."""
+        self._preempted = True
         state.write_status(self.run_dir, self.spec.name, state=state.PENDING, preempted=True)
         log.warning("%s: preempted; requeueing (resumes from its last checkpoint)", self.spec.name)
         return super().checkpoint(*args, **kwargs)

@@ -121,11 +121,14 @@ class ResetProxy:
 
     It watches the requests going up; a connection that carried a request naming
     ``fault.path`` is dropped as :class:`Fault` says (as a crashing or restarting server would).
+    ``latency`` seconds are added before every request goes up (a distant object store's time
+    to first byte).
     """
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, latency: float = 0.0):
         host, port = upstream.rsplit("//", 1)[-1].split(":")
         self.upstream = (host, int(port))
+        self.latency = latency
         self.fault: Fault | None = None
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -158,6 +161,8 @@ class ResetProxy:
                 line = data.split(b"\r\n", 1)[0]
                 if line.split(b" ", 1)[0] in (b"GET", b"PUT", b"POST", b"HEAD", b"DELETE"):
                     self.requests.append(line.decode("latin-1"))
+                    if self.latency:
+                        time.sleep(self.latency)
                 fault = self.fault
                 if fault and fault.path.encode() in line:
                     state["fault"] = fault

@@ -233,6 +233,19 @@ def train_epoch(cfg, source, lut, rank: int = 0, world: int = 1):
     return keys, images, (loader.skipped.shards, loader.skipped.samples), len(batches)
 
 
+def test_an_epoch_fetches_each_needed_shard_once_without_metadata_requests(store, paper_protocol):
+    """8 samples, batches of 2 on one rank: the epoch needs every task-1 shard once, and a
+    known size (from the manifest) spares the store a HEAD request per shard."""
+    cfg = store.config(workers=0)
+    source = store.source(cfg)
+    store.proxy.requests.clear()
+    keys, _, _, batches = train_epoch(cfg, source, paper_protocol.stage_lut(1))
+    assert batches == 4 and sorted(keys) == sorted(set(keys))
+    shard_requests = [line for line in store.proxy.requests if "/task1/" in line]
+    assert len(shard_requests) == 3, shard_requests
+    assert all(line.startswith("GET ") for line in shard_requests), shard_requests
+
+
 def test_a_reset_mid_shard_is_resumed_and_the_epoch_is_identical(store, target, paper_protocol):
     ref, _ = target
     cfg = store.config(workers=2, **FAST)
