@@ -12,12 +12,11 @@ The last line is ``ratio=X.XX`` (shard pipeline / folder loader, samples/s per c
 shards: the local folder, a loopback HTTP server (Python's file server), S3 on loopback
 (moto's server, the shards packed straight into it, read through s3fs) and ``s3+<N>ms``, the
 same S3 behind a proxy that holds every request N ms (a distant store's time to first byte),
-each with its samples/s per core and its ratio to local. ``--read-ahead 0`` turns off the
-reading thread, to see what it buys.
+each with its samples/s per core and its ratio to local.
 
     python bench/data_pipeline.py [--frames-per-city 6] [--samples-per-shard 4] [--workers 2]
                                   [--epochs 6]
-                                  [--transports local,http,s3,s3+30ms] [--read-ahead 16]
+                                  [--transports local,http,s3,s3+30ms]
 """
 
 from __future__ import annotations
@@ -147,7 +146,6 @@ def transport_rows(args, out: Path, root: Path, protocol, lut) -> list[tuple[str
                 batch_size=args.batch_size,
                 num_workers=args.workers,
                 shuffle_buffer=16,
-                read_ahead=args.read_ahead,
             )
             source = ShardSource.from_config(cfg, "task1")
             loader = build_train_loader(cfg, source, lut, DistEnv(), seed=0)
@@ -165,12 +163,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=6)
-    parser.add_argument(
-        "--read-ahead",
-        type=int,
-        default=DataConfig.read_ahead,
-        help="data.read_ahead of the shard loaders (0: read in the decoding thread)",
-    )
     parser.add_argument(
         "--transports",
         default="",
@@ -190,7 +182,6 @@ def main() -> None:
             batch_size=args.batch_size,
             num_workers=args.workers,
             shuffle_buffer=16,
-            read_ahead=args.read_ahead,
         )
         lut = protocol.stage_lut(1)
         source = ShardSource.from_manifest(cfg.manifest, "task1")
@@ -212,10 +203,7 @@ def main() -> None:
         rows = transport_rows(args, out, root, protocol, lut)
     assert folder_shape == shard_shape, (folder_shape, shard_shape)
     print(f"frames: {len(folder)} (task 1 cities), source 2048x1024 PNG, shards 1024x512 PNG")
-    print(
-        f"workers: {args.workers}, batch {args.batch_size}, output {shard_shape}, "
-        f"read ahead {args.read_ahead} samples"
-    )
+    print(f"workers: {args.workers}, batch {args.batch_size}, output {shard_shape}")
     print(
         f"folder loader (reference style): {folder_rate / cores:7.2f} samples/s/core "
         f"({folder_n} samples)"

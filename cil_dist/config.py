@@ -44,7 +44,6 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 64  # samples (undecoded) per worker
     verify_checksums: bool = True  # check each shard's sha256/size/count as it streams
-    read_ahead: int = 16  # undecoded samples per worker read in a thread ahead of decoding; 0 = off
     # object storage (README "Object storage"): credentials come from the standard AWS/Google
     # environment and files, never from here
     endpoint_url: str = ""  # S3-compatible endpoint (MinIO, Ceph…); "" = AWS_ENDPOINT_URL or AWS
@@ -78,8 +77,6 @@ class DataConfig:
             raise ConfigError("data.read_retries/retry_backoff must be >= 0, block_size >= 1")
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.num_workers < 0:
             raise ConfigError("data.batch_size/eval_batch_size must be >= 1, num_workers >= 0")
-        if self.read_ahead < 0:
-            raise ConfigError(f"data.read_ahead: expected >= 0 samples, got {self.read_ahead}")
 
 
 def merge(schema: type, *sources: Any, overrides: list[str] | None = None, where: str = "config"):

@@ -142,6 +142,9 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         # no botocore retries on top of s3fs's few quick ones: the reader's data.read_retries
         # and retry_backoff decide how long a failing store is waited for
         kwargs["config_kwargs"] = {"retries": {"mode": "standard", "total_max_attempts": 1}}
+        session = _s3_session()
+        if session is not None:  # None: s3fs is missing, url_to_fs below says how to add it
+            kwargs["session"] = session
         if _options.endpoint_url:
             kwargs["endpoint_url"] = _options.endpoint_url
     if protocol in ("http", "https"):  # a stalled transfer fails (and is retried), none hangs
@@ -152,6 +155,21 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol_of(url))
         hint = f"; install it with `pip install cil-dist[{extra}]`" if extra else ""
         raise ImportError(f"{redact_url(url)}: {exc}{hint}") from exc
+
+
+_s3_sessions: list[Any] = []
+
+
+def _s3_session() -> Any | None:
+    """One aiobotocore session per process tree: a forked DataLoader worker inherits the
+    service model it has loaded and makes its S3 client in half the time (50 vs 100 ms)."""
+    if not _s3_sessions:
+        try:
+            from aiobotocore.session import AioSession
+        except ImportError:
+            return None
+        _s3_sessions.append(AioSession())
+    return _s3_sessions[0]
 
 
 def _http_timeout():

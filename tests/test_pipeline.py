@@ -119,35 +119,6 @@ def test_training_order_is_deterministic_and_changes_per_epoch(manifest_path, pa
     assert per_epoch == [keys0, keys1, keys0]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_reading_ahead_in_a_thread_changes_nothing_but_timing(
-    manifest_path, paper_protocol, workers
-):
-    train = ShardSource.from_manifest(manifest_path, ["task1", "task2"])
-    val = ShardSource.from_manifest(manifest_path, "val")
-    lut = paper_protocol.joint_lut()
-
-    def run(read_ahead: int) -> tuple[list[str], torch.Tensor, list[str]]:
-        cfg = data_config(manifest_path, workers=workers, batch=2, read_ahead=read_ahead)
-        loader = build_train_loader(cfg, train, lut, DistEnv(0, 2), seed=11)
-        loader.set_epoch(2)
-        batches = list(loader)
-        evaluated = [k for b in build_eval_loader(cfg, val, DistEnv(1, 2)) for k in b["key"]]
-        keys = [k for b in batches for k in b["key"]]
-        return keys, torch.cat([b["image"] for b in batches]), evaluated
-
-    in_place = run(0)
-    for read_ahead in (1, 16):
-        keys, images, evaluated = run(read_ahead)
-        assert keys == in_place[0] and torch.equal(images, in_place[1])
-        assert evaluated == in_place[2]
-
-
-def test_negative_read_ahead_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"data\.read_ahead"):
-        data_config("m.json", read_ahead=-1).validate()
-
-
 def test_a_process_holding_a_loader_with_persistent_workers_exits(manifest_path):
     """The workers ignore SIGTERM, so multiprocessing's exit hook alone would wait forever."""
     script = textwrap.dedent(

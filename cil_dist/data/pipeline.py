@@ -6,9 +6,7 @@ The recipe (it avoids webdataset's known multi-rank traps by construction):
 2. Every epoch the list is permuted with a seed shared by all ranks, *then* split into
    ``world_size × num_workers`` disjoint slots (:mod:`cil_dist.data.shardlist`); a slot never
    comes up empty, because fewer shards than slots are shared sample-wise.
-3. Each slot streams its shards (:mod:`cil_dist.data.reading`, checksums verified) in a thread
-   ``data.read_ahead`` samples ahead (:mod:`cil_dist.data.prefetch`), so the next shard's
-   transfer overlaps the decoding of the current one, shuffles
+3. Each slot streams its shards (:mod:`cil_dist.data.reading`, checksums verified), shuffles
    undecoded samples in a buffer, decodes, applies the stage's look-up table and augments with
    an RNG seeded by ``(seed, epoch, rank, worker)``, and batches inside the worker.
 4. **Training** produces exactly ``samples // (world_size × batch_size)`` batches on every
@@ -46,7 +44,6 @@ from webdataset.filters import shuffle as shuffle_filter
 from cil_dist import storage
 from cil_dist.config import ConfigError, DataConfig
 from cil_dist.data.manifest import Manifest, ShardRef
-from cil_dist.data.prefetch import read_ahead
 from cil_dist.data.reading import ReadPolicy, ShardReadError, iter_slice
 from cil_dist.data.shardlist import (
     ShardSlice,
@@ -157,13 +154,12 @@ class ShardStream(IterableDataset):
         verify: bool = True,
         policy: ReadPolicy | None = None,
         storage_options: storage.StorageOptions | None = None,
-        read_ahead: int = 0,
     ):
         super().__init__()
         self.source, self.transform, self.env = source, transform, env
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
-        self.shuffle_buffer, self.verify, self.read_ahead = shuffle_buffer, verify, read_ahead
+        self.shuffle_buffer, self.verify = shuffle_buffer, verify
         self.policy = policy or ReadPolicy()
         self.storage_options = storage_options or storage.options()
         self.skipped = SkipCounter()
@@ -213,19 +209,16 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         storage.configure(self.storage_options)  # a spawned worker starts from the defaults
         worker, slot, slots = self._slot()
-        epoch = self.epoch  # read once: the reading thread must not see the next epoch's
+        epoch = self.epoch
         rng = np.random.default_rng(derive_seed("augment", self.seed, epoch, self.env.rank, worker))
         if self.train:
             quota = worker_quota(self.batches_per_epoch, worker, self.num_workers)
             # exactly the samples of the quota's batches are read: none past the epoch's end
             needed = quota * self.batch_size
-            samples = read_ahead(
-                lambda: itertools.islice(self._train_samples(slot, slots, epoch), needed),
-                self.read_ahead,
-            )
+            samples = itertools.islice(self._train_samples(slot, slots, epoch), needed)
             samples = self._shuffled(samples, epoch, worker)
         else:
-            samples = read_ahead(lambda: self._eval_samples(slot, slots), self.read_ahead)
+            samples = self._eval_samples(slot, slots)
         items = (self.transform(sample, rng) for sample in samples)
         yield from _batches(items, self.batch_size, partial=not self.train)
 
@@ -343,7 +336,6 @@ def build_train_loader(
         verify=cfg.verify_checksums,
         policy=read_policy(cfg),
         storage_options=storage_options(cfg),
-        read_ahead=cfg.read_ahead,
     )
     log.info(
         "training data %s: %d samples, %d batches of %d per rank per epoch",
@@ -373,6 +365,5 @@ def build_eval_loader(
         verify=cfg.verify_checksums,
         policy=read_policy(cfg),
         storage_options=storage_options(cfg),
-        read_ahead=cfg.read_ahead,
     )
     return EpochLoader(stream, cfg.num_workers, pin_memory=env.device.startswith("cuda"))
