@@ -35,7 +35,8 @@ def deferred(signals: tuple[int, ...] = PREEMPTION_SIGNALS) -> Iterator[None]:
     pending: list[tuple[int, FrameType | None]] = []
 
     def hold(signum: int, frame: FrameType | None) -> None:
-        log.warning("%s during a checkpoint write: handled once it is written", _name(signum))
+        name = signal.Signals(signum).name
+        log.warning("%s during a checkpoint write: handled once it is written", name)
         pending.append((signum, frame))
 
     previous = {signum: signal.signal(signum, hold) for signum in signals}
@@ -53,7 +54,3 @@ def _deliver(signum: int, frame: FrameType | None, handler) -> None:
         handler(signum, frame)
     elif handler == signal.SIG_DFL:
         signal.raise_signal(signum)  # the default action (for TERM: end the process)
-
-
-def _name(signum: int) -> str:
-    return signal.Signals(signum).name

@@ -14,6 +14,7 @@ when the stream closes. Anything shown to a person goes through :func:`redact_ur
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -157,19 +158,15 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise ImportError(f"{redact_url(url)}: {exc}{hint}") from exc
 
 
-_s3_sessions: list[Any] = []
-
-
+@functools.cache
 def _s3_session() -> Any | None:
     """One aiobotocore session per process tree: a forked DataLoader worker inherits the
     service model it has loaded and makes its S3 client in half the time (50 vs 100 ms)."""
-    if not _s3_sessions:
-        try:
-            from aiobotocore.session import AioSession
-        except ImportError:
-            return None
-        _s3_sessions.append(AioSession())
-    return _s3_sessions[0]
+    try:
+        from aiobotocore.session import AioSession
+    except ImportError:
+        return None
+    return AioSession()
 
 
 def _http_timeout():

@@ -13,6 +13,7 @@ shard and reports the number of samples lost through a callback (never silently)
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import importlib
@@ -226,8 +227,7 @@ def buffered(stream: HashingStream) -> io.BufferedReader:
 
 def drain(stream: IO[bytes]) -> None:
     """Read (and so hash) whatever the tar reader left unread, e.g. end-of-archive padding."""
-    while stream.read(READ_CHUNK):
-        pass
+    collections.deque(iter(functools.partial(stream.read, READ_CHUNK), b""), maxlen=0)
 
 
 def open_shard(url: str, policy: ReadPolicy | None = None, size: int | None = None):

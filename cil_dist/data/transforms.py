@@ -20,12 +20,12 @@ import torch
 from PIL import Image, ImageEnhance
 
 from cil_dist import labels
+from cil_dist.config import AugmentConfig
 
 try:  # optional accelerator (extra "fast"): libspng PNG decoding
     import pyspng
 except ImportError:  # pragma: no cover - PIL decodes everything
     pyspng = None
-from cil_dist.config import AugmentConfig
 
 IMAGE_MEMBERS = ("image.png", "image.jpg", "image.jpeg")
 LABEL_MEMBER = "label.png"
@@ -191,10 +191,11 @@ class SegmentationTransform:
                 image = image.resize(self.resize, Image.BILINEAR)
         else:
             image, label = self._augment(image, label, rng)
+        image_tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         if self.compact:
-            image_tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
             return image_tensor, torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8))
-        return self._to_tensor(image), torch.from_numpy(label.astype(np.int64))
+        normalised = normalize(image_tensor, self.mean, self.std)
+        return normalised, torch.from_numpy(label.astype(np.int64))
 
     def _augment(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
         cfg = self.augment
@@ -207,11 +208,12 @@ class SegmentationTransform:
             image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label[:, ::-1]
         return color_jitter(image, cfg, rng), label
 
-    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
-        array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (array - mean) / std
+
+def normalize(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) → float, ImageNet-normalised (``mean``/``std`` of [0, 1])."""
+    scale = torch.tensor(std, device=images.device).view(3, 1, 1) * 255.0
+    shift = torch.tensor(mean, device=images.device).view(3, 1, 1) * 255.0
+    return (images.float() - shift) / scale
 
 
 @dataclass(frozen=True)
@@ -232,7 +234,5 @@ class Normalize:
         images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
         labels = batch["label"].to(device, non_blocking=True).long()
         if images.dtype == torch.uint8:
-            mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1) * 255.0
-            std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1) * 255.0
-            images = (images.float() - mean) / std
+            images = normalize(images, self.mean, self.std)
         return images, labels
