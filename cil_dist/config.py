@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation of SEED_FACTS (flip, down-rescale, crop, colour jitter)."""
+    """Training augmentation of the paper (flip, down-rescale, crop, colour jitter)."""
 
     flip: bool = True
     scale_min: float = 1.0  # random down-rescale factor range: size / U[scale_min, scale_max]
@@ -39,7 +39,10 @@ class DataConfig:
     shards: list[str] = field(default_factory=list)  # or shard URLs / brace patterns
     samples_per_epoch: int = 0  # required with `shards` in training mode (no manifest counts)
     resize: list[int] = field(default_factory=lambda: [1024, 512])  # width, height fed to model
-    batch_size: int = 6  # per rank
+    batch_size: int = 6  # per rank (ignored when global_batch_size is set)
+    # samples per optimiser step over all ranks: per-rank batch = global / world size (must
+    # divide); 0 = data.batch_size per rank. The paper's chain sets 6, the paper's batch.
+    global_batch_size: int = 0
     eval_batch_size: int = 4
     num_workers: int = 2  # DataLoader workers per rank
     shuffle_buffer: int = 64  # samples (undecoded) per worker
@@ -77,6 +80,19 @@ class DataConfig:
             raise ConfigError("data.read_retries/retry_backoff must be >= 0, block_size >= 1")
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.num_workers < 0:
             raise ConfigError("data.batch_size/eval_batch_size must be >= 1, num_workers >= 0")
+        if self.global_batch_size < 0:
+            raise ConfigError(f"data.global_batch_size: must be >= 0, got {self.global_batch_size}")
+
+    def rank_batch_size(self, world_size: int) -> int:
+        """Samples per rank and step: ``global_batch_size / world_size``, else ``batch_size``."""
+        if not self.global_batch_size:
+            return self.batch_size
+        if self.global_batch_size % world_size:
+            raise ConfigError(
+                f"data.global_batch_size: {self.global_batch_size} does not divide among "
+                f"{world_size} ranks; choose a multiple of {world_size} or another world size"
+            )
+        return self.global_batch_size // world_size
 
 
 def merge(schema: type, *sources: Any, overrides: list[str] | None = None, where: str = "config"):
@@ -121,7 +137,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with polynomial decay stepped once per epoch (SEED_FACTS)."""
+    """Adam with polynomial decay stepped once per epoch (the paper's optimisation)."""
 
     epochs: int = 200
     lr: float = 5e-4
@@ -146,7 +162,14 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation at the end of training and validation curves during it."""
+
     task_sets: list[str] = field(default_factory=list)  # default: every set the model covers
+    # validation during training: every N epochs (and after the last) on these manifest splits
+    # (heldout = the paper's hyper-parameter city), per-class IoU to TensorBoard and
+    # RUN/metrics.csv; 0 = off
+    every_epochs: int = 0
+    splits: list[str] = field(default_factory=lambda: ["heldout"])
     after_training: bool = True
     export_predictions: bool = False
 

@@ -11,6 +11,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import Label, labels, name2label
 
 __all__ = [
+    "IGNORE",
     "MAX_LABEL_ID",
     "Label",
     "by_id",
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 MAX_LABEL_ID = max(label.id for label in labels)
+IGNORE = 255  # target of pixels without a label: void, other tasks' classes, crop padding
 
 
 def by_name(name: str) -> Label:

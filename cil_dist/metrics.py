@@ -1,4 +1,4 @@
-"""Segmentation metrics per task set (SEED_FACTS, "Evaluation per task").
+"""Segmentation metrics per task set (the paper's per-task evaluation; README "Evaluation").
 
 For a task set S: argmax over S's channels only, ground-truth pixels outside S ignored,
 confusion matrix over S's classes, IoU = TP / (TP + FP + FN), mIoU = NaN-mean over classes
@@ -14,9 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cil_dist.labels import IGNORE
 from cil_dist.protocol import TaskProtocol
-
-IGNORE = 255
 
 
 class ConfusionMatrix:

@@ -20,8 +20,7 @@ import numpy as np
 import yaml
 
 from cil_dist import labels
-
-IGNORE = 255
+from cil_dist.labels import IGNORE
 
 
 class ProtocolError(ValueError):

@@ -31,14 +31,16 @@ from cil_dist.distributed import (
     init_distributed,
 )
 from cil_dist.logs import setup_logging
-from cil_dist.losses import cross_entropy, finetune_loss, incremental_loss
+from cil_dist.losses import cross_entropy, finetune_loss, global_pixel_counts, incremental_loss
 from cil_dist.model import ERFNet, build_model, load_state_dict_checked
+from cil_dist.model.sync_batchnorm import convert_sync_batchnorm
 from cil_dist.optim import build_optimizer, poly_schedule
 from cil_dist.precision import Precision, build_precision
 from cil_dist.protocol import TaskProtocol
 from cil_dist.stage import StagePlan, plan_stage
 from cil_dist.storage import redact_url
 from cil_dist.teacher import init_from_previous, load_previous_state, load_teacher, teacher_forward
+from cil_dist.validation import MetricsLog, Validator, distill_metrics, distill_sums
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,8 @@ class Components:
     state: ckpt.TrainState
 
 
-def stage_loss(plan: StagePlan, cfg: TrainConfig, logits, teacher_logits, labels):
-    """``(total, ce, kd)`` of the stage's method."""
+def stage_loss(plan: StagePlan, cfg: TrainConfig, logits, teacher_logits, labels, counts=None):
+    """``(total, ce, kd)`` of the stage's method; ``counts`` normalise over the global batch."""
     if plan.uses_teacher:
         return incremental_loss(
             logits,
@@ -68,16 +70,18 @@ def stage_loss(plan: StagePlan, cfg: TrainConfig, logits, teacher_logits, labels
             plan.num_old_classes,
             temperature=cfg.teacher.temperature,
             lambda_gs=cfg.teacher.lambda_gs,
+            counts=counts,
         )
     if plan.method == "finetune" and plan.num_old_classes:
-        ce = finetune_loss(logits, labels, plan.num_old_classes)
+        ce = finetune_loss(logits, labels, plan.num_old_classes, counts)
     else:
-        ce = cross_entropy(logits, labels)
+        ce = cross_entropy(logits, labels, counts)
     return ce, ce, torch.zeros((), device=ce.device)
 
 
-def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv):
-    """One optimiser step; returns the detached loss parts."""
+def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv) -> torch.Tensor:
+    """One optimiser step; returns the detached figures ``[total, ce, kd]`` plus, with a
+    teacher, the distillation diagnostic sums (:func:`cil_dist.validation.distill_sums`)."""
     memory = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     images, labels = parts.loader.to_device(batch, env.device, memory)
     parts.optimizer.zero_grad(set_to_none=True)
@@ -86,24 +90,33 @@ def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv):
     )
     with parts.precision.autocast():
         logits = parts.student(images)
-    total, ce, kd = stage_loss(parts.plan, cfg, logits, teacher_logits, labels)
+    # per-rank sums over the global batch's pixel counts: DDP's gradient average is then the
+    # gradient of the whole batch's loss, whatever the number of ranks
+    counts = global_pixel_counts(labels, env.world_size)
+    total, ce, kd = stage_loss(parts.plan, cfg, logits, teacher_logits, labels, counts)
     if not torch.isfinite(total):
         raise FloatingPointError(
             f"non-finite loss at epoch {parts.state.epoch + 1}, step {parts.state.step + 1}: "
             f"ce {ce.item()}, kd {kd.item()}; stopping (last checkpoint intact)"
         )
     parts.precision.backward_step(total, parts.optimizer)
-    return total.detach(), ce.detach(), kd.detach()
+    figures = torch.stack([total.detach(), ce.detach(), kd.detach()]).double()
+    if teacher_logits is not None:
+        figures = torch.cat([figures, distill_sums(logits, teacher_logits, labels)])
+    return figures
 
 
-def train_one_epoch(parts: Components, cfg: TrainConfig, env: DistEnv, writer) -> dict:
-    """Train one epoch; returns loss parts averaged over all ranks and the throughput."""
+def train_one_epoch(
+    parts: Components, cfg: TrainConfig, env: DistEnv, log_to: MetricsLog | None = None
+) -> dict:
+    """Train one epoch; returns loss parts averaged over all ranks, the throughput and, in an
+    incremental stage, the distillation diagnostic."""
     parts.student.train()
     parts.loader.set_epoch(parts.state.epoch)
     # Dropout draws from each rank's global RNG: seeding it per (seed, epoch, rank) makes a run
     # resumed at any epoch boundary, on any number of ranks, repeat the uninterrupted one.
     torch.manual_seed(derive_seed("dropout", cfg.seed, parts.state.epoch, env.rank) % 2**63)
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(6 if parts.teacher is not None else 3, dtype=torch.float64)
     start, images = time.perf_counter(), 0
     lr = parts.optimizer.param_groups[0]["lr"]
     bar = tqdm(
@@ -115,17 +128,17 @@ def train_one_epoch(parts: Components, cfg: TrainConfig, env: DistEnv, writer) -
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
     )
     for batch in parts.loader:
-        losses = train_step(parts, cfg, batch, env)
-        sums += torch.stack([v.double().cpu() for v in losses])
+        figures = train_step(parts, cfg, batch, env).cpu()
+        sums += figures
         images += batch["image"].shape[0]
         parts.state.step += 1
         bar.update(1)
         if env.is_main and parts.state.step % cfg.log_every == 0:
             rate = images * env.world_size / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{losses[0].item():.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-            if writer:
-                for name, value in zip(("total", "ce", "kd"), losses, strict=True):
-                    writer.add_scalar(f"loss/{name}", value.item(), parts.state.step)
+            bar.set_postfix(loss=f"{figures[0]:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            for name, value in zip(("total", "ce", "kd"), figures.tolist(), strict=False):
+                if log_to is not None:
+                    log_to.scalar(f"loss/{name}", value, parts.state.step)
     bar.close()
     steps = len(parts.loader)
     skipped = parts.loader.skipped
@@ -133,16 +146,22 @@ def train_one_epoch(parts: Components, cfg: TrainConfig, env: DistEnv, writer) -
         [*sums.tolist(), float(images), float(skipped.shards), float(skipped.samples)], env
     )
     seconds = time.perf_counter() - start
-    parts.state.samples += int(totals[3])
-    return {
-        "loss": totals[0] / (steps * env.world_size),
-        "ce": totals[1] / (steps * env.world_size),
-        "kd": totals[2] / (steps * env.world_size),
+    *figures, images, skipped_shards, skipped_samples = totals
+    parts.state.samples += int(images)
+    # rank r's loss is W · (its pixel sum) / (global pixels): the batch's loss is the ranks' mean
+    per_step = steps * env.world_size
+    stats = {
+        "loss": figures[0] / per_step,
+        "ce": figures[1] / per_step,
+        "kd": figures[2] / per_step,
         "lr": lr,
-        "images_per_s": totals[3] / seconds,
-        "skipped_shards": int(totals[4]),  # on_shard_error=skip, all ranks
-        "skipped_samples": int(totals[5]),
+        "images_per_s": images / seconds,
+        "skipped_shards": int(skipped_shards),  # on_shard_error=skip, all ranks
+        "skipped_samples": int(skipped_samples),
     }
+    if len(figures) > 3:
+        stats |= distill_metrics(torch.tensor(figures[3:]))
+    return stats
 
 
 def build_student(cfg: TrainConfig, plan: StagePlan, env: DistEnv) -> ERFNet:
@@ -154,8 +173,8 @@ def build_student(cfg: TrainConfig, plan: StagePlan, env: DistEnv) -> ERFNet:
     if cfg.model.sync_batchnorm and env.distributed:
         if cfg.model.apex:
             student = require_apex("model.apex").parallel.convert_syncbn_model(student)
-        else:
-            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        else:  # torch's SyncBatchNorm on CUDA, the same statistics on CPU ranks (gloo)
+            student = convert_sync_batchnorm(student, env.device.split(":")[0])
     elif cfg.model.apex:
         require_apex("model.apex")
     memory = torch.channels_last if cfg.model.channels_last else torch.preserve_format
@@ -280,51 +299,73 @@ def save(parts: Components, cfg: TrainConfig, path: Path, env: DistEnv) -> None:
     barrier(env)
 
 
+def log_epoch(stats: dict, cfg: TrainConfig, epoch: int) -> None:
+    distill = ""
+    if "distill/agreement" in stats:
+        distill = (
+            f"; distillation: argmax agreement {stats['distill/agreement']:.3f}, "
+            f"old-class mass {stats['distill/old_mass']:.3f}"
+        )
+    log.info(
+        "epoch %d/%d: loss %.4f (ce %.4f, kd %.4f), lr %.2e, %.1f img/s%s",
+        epoch,
+        cfg.optim.epochs,
+        stats["loss"],
+        stats["ce"],
+        stats["kd"],
+        stats["lr"],
+        stats["images_per_s"],
+        distill,
+    )
+    if stats["skipped_samples"] or stats["skipped_shards"]:
+        log.warning(
+            "epoch %d: %d samples of %d unreadable shard(s) skipped (data.on_shard_error=skip)",
+            epoch,
+            stats["skipped_samples"],
+            stats["skipped_shards"],
+        )
+
+
+def log_validation(results: dict[str, dict[str, float]], epoch: int) -> None:
+    for split, values in results.items():
+        shown = ", ".join(
+            f"{name.split('/')[0]} {100 * value:.1f}"
+            for name, value in values.items()
+            if name.endswith("/mIoU")
+        )
+        log.info("epoch %d: %s mIoU %s", epoch, split, shown)
+
+
 def fit(parts: Components, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Path:
     """Train the remaining epochs; returns the final checkpoint's path."""
     final = ckpt.final_path(run_dir)
     if parts.state.epoch >= cfg.optim.epochs and final.is_file():
         log.info("run %s already finished (%s)", run_dir, final)
         return final
-    writer = None
-    if env.is_main and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    metrics = MetricsLog(run_dir, env, cfg.tensorboard)
+    metrics.truncate_after(parts.state.epoch)
+    validator = Validator(cfg, parts.plan, env, parts.precision)
     try:
         while parts.state.epoch < cfg.optim.epochs:
-            stats = train_one_epoch(parts, cfg, env, writer)
+            stats = train_one_epoch(parts, cfg, env, metrics)
             parts.scheduler.step()
             parts.state.epoch += 1
-            log.info(
-                "epoch %d/%d: loss %.4f (ce %.4f, kd %.4f), lr %.2e, %.1f img/s",
-                parts.state.epoch,
-                cfg.optim.epochs,
-                stats["loss"],
-                stats["ce"],
-                stats["kd"],
-                stats["lr"],
-                stats["images_per_s"],
-            )
-            if stats["skipped_samples"] or stats["skipped_shards"]:
-                log.warning(
-                    "epoch %d: %d samples of %d unreadable shard(s) skipped "
-                    "(data.on_shard_error=skip)",
-                    parts.state.epoch,
-                    stats["skipped_samples"],
-                    stats["skipped_shards"],
-                )
-            if writer:
-                for key, value in stats.items():
-                    writer.add_scalar(f"epoch/{key}", value, parts.state.epoch)
+            epoch = parts.state.epoch
+            log_epoch(stats, cfg, epoch)
+            metrics.add(epoch, parts.state.step, "train", stats)
+            if validator.due(epoch):
+                results = validator(parts.bare_student)
+                log_validation(results, epoch)
+                for split, values in results.items():
+                    metrics.add(epoch, parts.state.step, split, values)
             every = cfg.checkpoint.every_epochs
-            if every and parts.state.epoch % every == 0 and parts.state.epoch < cfg.optim.epochs:
-                save(parts, cfg, ckpt.periodic_path(run_dir, parts.state.epoch), env)
+            if every and epoch % every == 0 and epoch < cfg.optim.epochs:
+                save(parts, cfg, ckpt.periodic_path(run_dir, epoch), env)
                 if env.is_main:
                     ckpt.prune(run_dir, cfg.checkpoint.keep)
     finally:
-        if writer:
-            writer.close()
+        metrics.close()
+        validator.close()
     save(parts, cfg, final, env)
     return final
 

@@ -7,8 +7,6 @@ from PIL import Image, ImageDraw
 
 from cil_dist import labels
 
-IGNORE = 255
-
 
 def _channel_table(class_names: list[str], values) -> np.ndarray:
     table = np.zeros((256, *np.shape(values(class_names[0]))), dtype=np.uint8)

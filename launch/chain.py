@@ -156,9 +156,13 @@ def stage_train_config(chain: ChainConfig, name: str, run_dir: Path) -> TrainCon
         wiring.append(f"optim.epochs={spec.epochs}")
     where_overrides = [*wiring, *chain.overrides, *spec.overrides]
     try:
-        return load_train_config(chain.train_config, where_overrides)
+        cfg = load_train_config(chain.train_config, where_overrides)
     except ConfigError as exc:
         raise ConfigError(f"stages.{name}: {exc}") from exc
+    init = cfg.model.encoder_init
+    if init and storage.is_local(init):  # relative to where the chain is submitted
+        cfg.model.encoder_init = str(Path(storage.local_path(init)).resolve())
+    return cfg
 
 
 def expand(chain: ChainConfig, run_dir: Path) -> dict[str, JobSpec]:

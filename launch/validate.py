@@ -2,13 +2,15 @@
 
 Checked: the train config of every stage builds; the teacher wiring (exists, no cycles, one
 stage back, class counts agree); the shards (manifest readable, the splits each job reads are
-in it, shard files present); the evaluations' task sets; the report rows; the resources (and on
+in it, shard files present); every stage's ``model.encoder_init`` (the file loads as an
+encoder initialisation); the evaluations' task sets; the report rows; the resources (and on
 SLURM, ``sbatch --test-only`` asks the controller whether each job could ever run); and that
 the run folder is writable.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +30,8 @@ from launch.chain import (
     resources_of,
     stage_train_config,
 )
+
+log = logging.getLogger(__name__)
 
 
 class ChainError(ValueError):
@@ -121,20 +125,32 @@ def data_problems(jobs: dict[str, JobSpec], plans: dict[str, StagePlan]) -> list
         plan = plans.get(job.name if job.kind == "train" else job.depends_on[0])
         needed = list(plan.splits) if plan and job.kind == "train" else []
         needed += [job.split] if job.kind == "eval" else []
-        for split in needed:
+        curves = list(job.train.eval.splits) if job.train.eval.every_epochs else []
+        for split in needed + [s for s in curves if s not in needed]:
             if split not in manifest.splits:
+                key = "eval.splits: " if split in curves and split not in needed else ""
                 problems.append(
-                    f"{name}: split {split!r} is not in {url} (it has {', '.join(manifest.splits)})"
+                    f"{name}: {key}split {split!r} is not in {url} "
+                    f"(it has {', '.join(manifest.splits)})"
                 )
         if job.kind == "train" and needed and all(s in manifest.splits for s in needed):
-            samples = sum(manifest.splits[s].samples for s in needed)
-            per_step = job.resources.world_size * job.train.data.batch_size
-            if samples < per_step:
-                problems.append(
-                    f"{name}: data.batch_size: {samples} training samples, fewer than "
-                    f"{job.resources.world_size} ranks × batch {job.train.data.batch_size}"
-                )
+            problems += batch_problems(name, job, sum(manifest.splits[s].samples for s in needed))
     return problems
+
+
+def batch_problems(name: str, job: JobSpec, samples: int) -> list[str]:
+    """The job's ranks must split the global batch and find a full step in its samples."""
+    world = job.resources.world_size
+    try:
+        batch = job.train.data.rank_batch_size(world)
+    except ConfigError as exc:
+        return [f"{name}: {exc}"]
+    if samples < world * batch:
+        return [
+            f"{name}: data.batch_size: {samples} training samples, fewer than "
+            f"{world} ranks × batch {batch}"
+        ]
+    return []
 
 
 def shard_file_problems(url: str, manifest: Manifest) -> list[str]:
@@ -156,6 +172,39 @@ def shard_file_problems(url: str, manifest: Manifest) -> list[str]:
         f"data.manifest: {shown} lists {len(missing)} missing or unreadable shard(s): "
         + ", ".join(missing[:5])
     ]
+
+
+def encoder_init_problems(chain: ChainConfig, run_dir: Path) -> list[str]:
+    """Every stage's ``model.encoder_init`` exists and loads; each distinct file is read once.
+
+    Stages whose train config does not build are left out (:func:`plans_of` reports them).
+    """
+    problems: list[str] = []
+    verdicts: dict[str, str] = {}
+    for name in chain.stages:
+        try:
+            path = stage_train_config(chain, name, run_dir).model.encoder_init
+        except (ConfigError, FileNotFoundError):
+            continue
+        if not path:
+            continue
+        if path not in verdicts:
+            verdicts[path] = encoder_init_verdict(path)
+        if verdicts[path]:
+            problems.append(f"stages.{name}: {verdicts[path]}")
+    return problems
+
+
+def encoder_init_verdict(path: str) -> str:
+    """'' when ``path`` loads into a fresh ERFNet's encoder, else the loader's one-line error."""
+    from cil_dist.model import EncoderInitError, check_encoder_init
+
+    try:
+        check_encoder_init(path)
+    except EncoderInitError as exc:
+        return str(exc)
+    log.info("model.encoder_init: %s loads as an encoder initialisation", path)
+    return ""
 
 
 def eval_problems(chain: ChainConfig, plans: dict[str, StagePlan]) -> list[str]:
@@ -263,6 +312,7 @@ def validate_chain(
             jobs = expand(chain, run_dir)
         except ConfigError as exc:
             problems.append(str(exc))
+    problems += encoder_init_problems(chain, run_dir)
     problems += eval_problems(chain, plans)
     problems += data_problems(jobs, plans)
     checked: set[str] = set()

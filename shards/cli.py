@@ -2,9 +2,10 @@
 
 cil-shards synth  --out DIR [--images-per-city N] [--size WxH] [--seed S] [--tasks YAML]
 cil-shards pack   --cityscapes ROOT --out DIR [--tasks YAML] [--size WxH]
-                  [--samples-per-shard N] [--image-format png|jpg] [--workers N]
+                  [--val-labels full|resized] [--samples-per-shard N]
+                  [--image-format png|jpg] [--workers N]
 cil-shards verify MANIFEST            # every shard's size, sample count and sha256
-cil-shards inspect MANIFEST           # splits, shard and sample counts
+cil-shards inspect MANIFEST           # splits, label sizes, shard and sample counts
 
 DIR and MANIFEST may be URLs: s3://bucket/prefix (pack, verify, inspect; S3-compatible stores
 via --endpoint-url or AWS_ENDPOINT_URL), gs://…, https://… (reading).
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--out", required=True, help="output folder (or URL) for shards + manifest")
     pack.add_argument("--tasks", default="cityscapes_cil", help=tasks_help)
     pack.add_argument("--size", type=parse_size, default=(1024, 512), help="stored WxH")
+    pack.add_argument(
+        "--val-labels",
+        choices=("full", "resized"),  # shards.pack.VAL_LABEL_MODES (imported lazily)
+        default="full",
+        help="val labels at their source resolution (full, the paper's evaluation) or at --size",
+    )
     pack.add_argument("--samples-per-shard", type=int, default=None)
     pack.add_argument("--image-format", choices=("png", "jpg"), default="png")
     pack.add_argument("--jpeg-quality", type=int, default=95)

@@ -17,14 +17,15 @@ def summary(manifest: Manifest) -> str:
     """A human-readable table of a manifest's splits."""
     width, height = manifest.resolution
     lines = [
-        f"manifest {redact_url(manifest.url)}: {width}x{height} {manifest.image_format}, "
+        f"manifest {redact_url(manifest.url)}: images {width}x{height} {manifest.image_format}, "
         f"protocol {manifest.task_config.get('name', '?')}",
-        f"{'split':<10} {'cities':>6} {'shards':>6} {'samples':>8} {'MiB':>9}",
+        f"{'split':<10} {'cities':>6} {'labels':>10} {'shards':>6} {'samples':>8} {'MiB':>9}",
     ]
     for name, rec in manifest.splits.items():
+        label_w, label_h = manifest.label_size(name)
         lines.append(
-            f"{name:<10} {len(rec.cities):>6} {len(rec.shards):>6} {rec.samples:>8} "
-            f"{rec.bytes / 2**20:>9.1f}"
+            f"{name:<10} {len(rec.cities):>6} {f'{label_w}x{label_h}':>10} {len(rec.shards):>6} "
+            f"{rec.samples:>8} {rec.bytes / 2**20:>9.1f}"
         )
     return "\n".join(lines)
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             image_format=args.image_format,
             jpeg_quality=args.jpeg_quality,
             workers=args.workers,
+            val_labels=args.val_labels,
         )
         log.info("\n%s", summary(Manifest.load(result.manifest_url)))
         return 0
@@ -68,6 +70,6 @@ def run(args: argparse.Namespace) -> int:
         log.info("all shards of %s match the manifest", redact_url(args.manifest))
         return 0
     if args.command == "inspect":
-        log.info("\n%s", summary(Manifest.load(args.manifest)))
+        print(summary(Manifest.load(args.manifest)))
         return 0
     raise ValueError(f"unknown command {args.command!r}")

@@ -2,9 +2,13 @@
 
 Per city set of the task protocol (``task1``…, ``heldout``, ``val``) the frames are sorted by
 key and cut into shards of ``samples_per_shard``: ``OUT/{set}/{set}-{i:06d}.tar`` with members
-``KEY.image.png`` (or ``.image.jpg``), ``KEY.label.png`` (raw label ids, nearest-resized,
-lossless) and ``KEY.meta.json``. Labels stay raw so the same shards serve every stage; the
-stage's look-up table is applied when reading.
+``KEY.image.png`` (or ``.image.jpg``), ``KEY.label.png`` (raw label ids, lossless) and
+``KEY.meta.json``. Labels stay raw so the same shards serve every stage; the stage's look-up
+table is applied when reading. Images are resized to ``size``; so are the labels of the
+training sets, while the ``val`` set keeps its labels at their source resolution by default
+(``val_labels="full"``): the paper scores the 1024x512 input's predictions, upsampled, against
+the full-resolution 2048x1024 labels, as the official Cityscapes evaluation does. The stored
+label size is recorded in every sample's ``meta.json`` and per set in the manifest.
 
 Everything cheap is validated before the first byte is written; every shard is written through
 a temporary file and renamed into place (an object store commits an object when its upload
@@ -33,7 +37,7 @@ from webdataset import TarWriter
 
 from cil_dist import labels, storage
 from cil_dist.data.manifest import VERSION, Manifest, ShardRecord, SplitRecord
-from cil_dist.protocol import TaskProtocol
+from cil_dist.protocol import CitySet, TaskProtocol
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,10 @@ log = logging.getLogger(__name__)
 DEFAULT_SAMPLES_PER_SHARD = 16
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
+#: ``val_labels``: keep the val set's labels at their source size, or resize them to ``size``.
+VAL_LABEL_MODES = ("full", "resized")
+#: The city set whose labels ``val_labels`` concerns (the evaluation set of every protocol).
+EVAL_SET = "val"
 
 
 class PackError(ValueError):
@@ -69,6 +77,7 @@ class ShardJob:
     size: tuple[int, int]
     image_format: str
     jpeg_quality: int
+    full_labels: bool = False  # labels stay at their source size (the val set by default)
 
     @property
     def file(self) -> str:
@@ -115,7 +124,8 @@ def file_digest(path: Path) -> str:
 def recipe_of(job: ShardJob) -> str:
     """Digest of everything that determines the shard's bytes."""
     digest = hashlib.sha256()
-    params = [VERSION, job.size, job.image_format, job.jpeg_quality]
+    labels_at = "source" if job.full_labels else "size"
+    params = [VERSION, job.size, job.image_format, job.jpeg_quality, labels_at]
     digest.update(json.dumps(params).encode())
     for frame in job.frames:
         digest.update(f"{frame.key}:{file_digest(frame.image)}:{file_digest(frame.label)}".encode())
@@ -160,7 +170,8 @@ def sample_of(frame: Frame, job: ShardJob) -> dict:
     original = image.size
     if image.size != job.size:
         image = image.resize(job.size, Image.BILINEAR)
-        ids = np.asarray(Image.fromarray(ids).resize(job.size, Image.NEAREST))
+        if not job.full_labels:
+            ids = np.asarray(Image.fromarray(ids).resize(job.size, Image.NEAREST))
     meta = {
         "key": frame.key,
         "city": frame.city,
@@ -170,6 +181,7 @@ def sample_of(frame: Frame, job: ShardJob) -> dict:
         "source_label": str(frame.label.relative_to(job.root)),
         "original_size": list(original),
         "size": list(job.size),
+        "label_size": [ids.shape[1], ids.shape[0]],
     }
     return {
         "__key__": frame.key,
@@ -231,17 +243,55 @@ def previous_records(out: str) -> dict[str, ShardRecord]:
     return {s.file: s for rec in manifest.splits.values() for s in rec.shards}
 
 
-def plan_jobs(root: Path, out: str, protocol: TaskProtocol, size, per_shard, fmt, quality):
+def source_label_size(frames: list[Frame], set_name: str) -> tuple[int, int]:
+    """The one size (w, h) of the source labels of ``frames``; PackError if they differ
+    (evaluation batches full-resolution labels, so they must share a size)."""
+    sizes: dict[tuple[int, int], Path] = {}
+    for frame in frames:
+        try:
+            with Image.open(frame.label) as label:
+                sizes.setdefault(label.size, frame.label)
+        except Exception as exc:
+            raise PackError(f"{frame.label} (key {frame.key}): cannot read label: {exc}") from exc
+    if len(sizes) > 1:
+        (a, path_a), (b, path_b) = list(sizes.items())[:2]
+        raise PackError(
+            f"city set {set_name!r}: {path_a} is {a[0]}x{a[1]} but {path_b} is {b[0]}x{b[1]}; "
+            "full-resolution labels must share one size (use --val-labels resized)"
+        )
+    return next(iter(sizes))
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """What :func:`pack` writes: the city sets, their stored label sizes and the shard jobs."""
+
+    sets: dict[str, CitySet]
+    label_sizes: dict[str, tuple[int, int]]
+    jobs: list[ShardJob]
+
+
+def plan_jobs(
+    root: Path,
+    out: str,
+    protocol: TaskProtocol,
+    size: tuple[int, int],
+    per_shard: int,
+    fmt: str,
+    quality: int,
+    val_labels: str = "full",
+) -> PackPlan:
     """All shard jobs per city set, after validating that every set has its frames."""
-    sets: dict[str, tuple] = {}
-    jobs: list[ShardJob] = []
+    plan = PackPlan({}, {}, [])
     for set_name, city_set in protocol.city_sets().items():
         frames = find_frames(root, set_name, city_set.split, city_set.cities)
-        sets[set_name] = city_set
+        full = set_name == EVAL_SET and val_labels == "full"
+        plan.sets[set_name] = city_set
+        plan.label_sizes[set_name] = source_label_size(frames, set_name) if full else size
         for index, start in enumerate(range(0, len(frames), per_shard)):
             chunk = tuple(frames[start : start + per_shard])
-            jobs.append(ShardJob(set_name, index, chunk, root, out, size, fmt, quality))
-    return sets, jobs
+            plan.jobs.append(ShardJob(set_name, index, chunk, root, out, size, fmt, quality, full))
+    return plan
 
 
 def remove_stale(out: str, set_name: str, keep: int) -> None:
@@ -271,20 +321,28 @@ def pack(
     image_format: str = "png",
     jpeg_quality: int = 95,
     workers: int | None = None,
+    val_labels: str = "full",
 ) -> PackResult:
-    """Pack ``cityscapes_root`` into shards under ``out``; returns the manifest and counts."""
+    """Pack ``cityscapes_root`` into shards under ``out``; returns the manifest and counts.
+
+    ``val_labels``: ``"full"`` keeps the val set's labels at their source resolution (the
+    paper's evaluation), ``"resized"`` resizes them to ``size`` like the training sets'.
+    """
     start = time.perf_counter()
     root = Path(cityscapes_root)
     out = str(out)
     if image_format not in ("png", "jpg"):
         raise PackError(f"--image-format: expected png or jpg, got {image_format!r}")
+    if val_labels not in VAL_LABEL_MODES:
+        raise PackError(f"--val-labels: expected full or resized, got {val_labels!r}")
     if samples_per_shard < 1:
         raise PackError(f"--samples-per-shard: must be >= 1, got {samples_per_shard}")
     if not (root / "leftImg8bit").is_dir():
         raise PackError(f"{root}: not a Cityscapes root (no leftImg8bit folder)")
-    sets, jobs = plan_jobs(
-        root, out, protocol, tuple(size), samples_per_shard, image_format, jpeg_quality
+    plan = plan_jobs(
+        root, out, protocol, tuple(size), samples_per_shard, image_format, jpeg_quality, val_labels
     )
+    jobs = plan.jobs
     previous = previous_records(out)
     tasks = [(job, previous.get(job.file)) for job in jobs]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
@@ -301,9 +359,10 @@ def pack(
             bar.update(1)
     bar.close()
     splits = {}
-    for set_name, city_set in sets.items():
+    for set_name, city_set in plan.sets.items():
         shards = [records[j.file] for j in jobs if j.set_name == set_name]
-        splits[set_name] = SplitRecord(city_set.split, list(city_set.cities), shards)
+        label_size = plan.label_sizes[set_name]
+        splits[set_name] = SplitRecord(city_set.split, list(city_set.cities), shards, label_size)
     manifest = Manifest(
         resolution=tuple(size),
         image_format=image_format,

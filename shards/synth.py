@@ -4,6 +4,15 @@ Every city of every city set of a task protocol gets ``images_per_city`` street 
 
     OUT/leftImg8bit/{split}/{city}/{city}_000000_{frame:06d}_leftImg8bit.png   (RGB)
     OUT/gtFine/{split}/{city}/{city}_000000_{frame:06d}_gtFine_labelIds.png    (L, label ids)
+    OUT/gtFine/{split}/{city}/{city}_000000_{frame:06d}_gtFine_instanceIds.png (16-bit)
+    OUT/gtFine/{split}/{city}/{city}_000000_{frame:06d}_gtFine_color.png       (RGBA palette)
+
+The ground truth uses the official Cityscapes encodings (``cityscapesscripts.preparation``'s
+``json2labelImg`` and ``json2instanceImg``): ``instanceIds`` holds ``labelId * 1000 + i`` on
+the pixels of every drawn object of a class with instances (person, rider, car, …; ``i``
+counts that class's objects of the frame from 0, in drawing order) and the label id
+elsewhere; ``color`` is the label ids in the Cityscapes palette, RGBA. The official scripts
+(``evalPixelLevelSemanticLabeling``) therefore run on this tree unchanged.
 
 A scene is a street in perspective: sky; buildings, walls, fences and hedges along both sides;
 road with lane markings between sidewalks; terrain verges; trees; poles carrying traffic signs
@@ -28,14 +37,24 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from cityscapesscripts.helpers.labels import labels as cs_labels
 from PIL import Image
 
 from cil_dist import labels
 from cil_dist.protocol import TaskProtocol
 
-__all__ = ["SynthSummary", "frame_name", "generate", "render_frame"]
+__all__ = [
+    "SynthFrame",
+    "SynthSummary",
+    "color_image",
+    "frame_name",
+    "generate",
+    "instance_ids",
+    "render_frame",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +75,15 @@ POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY = (
 PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE = (
     _id(n) for n in ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
 )
+
+#: True at the label ids of classes with instances (``hasInstances`` in the Cityscapes table).
+HAS_INSTANCES = np.zeros(256, bool)
+HAS_INSTANCES[[lab.id for lab in cs_labels if lab.hasInstances and lab.id >= 0]] = True
+#: RGBA colour of every label id, as the official ``json2labelImg`` "color" encoding writes it.
+COLOURS = np.zeros((256, 4), np.uint8)
+COLOURS[[lab.id for lab in cs_labels if lab.id >= 0]] = [
+    (*lab.color, 255) for lab in cs_labels if lab.id >= 0
+]
 
 #: Rare classes appear in one frame out of ``period`` of every city (with a per-city phase).
 RARE_PERIODS: dict[str, int] = {"train": 3, "bus": 2, "truck": 2, "motorcycle": 2}
@@ -106,6 +134,19 @@ class SynthSummary:
     @property
     def total(self) -> int:
         return sum(self.frames.values())
+
+
+class SynthFrame(NamedTuple):
+    """One rendered frame: the photo and its ground truth in the Cityscapes encodings."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    label_ids: np.ndarray  # (H, W) uint8 label ids
+    instance_ids: np.ndarray  # (H, W) uint16: labelId * 1000 + instance, or the label id
+
+    @property
+    def color(self) -> np.ndarray:
+        """(H, W, 4) uint8: the label ids in the Cityscapes palette (RGBA)."""
+        return color_image(self.label_ids)
 
 
 @dataclass(frozen=True)
@@ -172,24 +213,51 @@ def generate(
 
 def render_frame(
     size: tuple[int, int], seed: int, city: str, index: int, rare: frozenset[str] = frozenset()
-) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic frame: ``(image uint8 HxWx3, label ids uint8 HxW)``.
+) -> SynthFrame:
+    """One synthetic frame: image, label ids and instance ids.
 
     ``rare`` names the rare classes (keys of :data:`RARE_PERIODS`) to include.
     """
     width, height = size
     rng = np.random.default_rng(np.random.SeedSequence([seed, _city_key(city), 1, index]))
-    canvas = _Canvas(
-        np.zeros((height, width, 3), np.float32), np.zeros((height, width), np.uint8), rng
-    )
+    canvas = _Canvas.blank(height, width, rng)
     street = _Street.sample(rng, height, width)
     _draw_background(canvas, street)
     _draw_ground(canvas, street)
     _draw_sides(canvas, street)
-    for draw in _scene_objects(canvas, street, rare):
+    for number, draw in enumerate(_scene_objects(canvas, street, rare), start=1):
+        canvas.current = number  # every pixel this call paints belongs to object ``number``
         draw()
+    canvas.current = 0
     _draw_void(canvas, street)
-    return _photometric(rng, canvas.img), canvas.lab
+    image = _photometric(rng, canvas.img)
+    return SynthFrame(image, canvas.lab, instance_ids(canvas.lab, canvas.obj))
+
+
+def instance_ids(label_ids: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """Cityscapes instance ids (uint16) from label ids and the drawn object of every pixel.
+
+    Where the class has instances, a pixel gets ``labelId * 1000 + i``: ``i`` numbers the
+    (object, class) pairs of that class from 0, in drawing order (a rider and the bicycle it
+    sits on are two instances). Every other pixel keeps its label id.
+    """
+    out = label_ids.astype(np.uint16)
+    thing = HAS_INSTANCES[label_ids]
+    keys = objects[thing].astype(np.int64) * 256 + label_ids[thing]
+    pairs, inverse = np.unique(keys, return_inverse=True)  # sorted: drawing order, then class
+    values = np.empty(len(pairs), np.uint16)
+    seen: dict[int, int] = {}
+    for i, key in enumerate(pairs.tolist()):
+        label = key % 256
+        values[i] = label * 1000 + seen.get(label, 0)
+        seen[label] = seen.get(label, 0) + 1
+    out[thing] = values[inverse]
+    return out
+
+
+def color_image(label_ids: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8: the Cityscapes palette colour of every label id, alpha 255."""
+    return COLOURS[label_ids]
 
 
 # --------------------------------------------------------------------------- jobs and files
@@ -223,13 +291,15 @@ def _rare_schedule(seed: int, city: str, count: int) -> list[frozenset[str]]:
 
 
 def _write_frame(job: _Job) -> None:
-    image, label = render_frame(job.size, job.seed, job.city, job.index, job.rare)
+    frame = render_frame(job.size, job.seed, job.city, job.index, job.rare)
     stem = frame_name(job.city, job.index)
     root = Path(job.root)
+    gt = root / "gtFine" / job.split / job.city / f"{stem}_gtFine"
     img_path = root / "leftImg8bit" / job.split / job.city / f"{stem}_leftImg8bit.png"
-    lab_path = root / "gtFine" / job.split / job.city / f"{stem}_gtFine_labelIds.png"
-    _save_png(image, img_path, compress_level=1)  # noisy photo: barely compressible
-    _save_png(label, lab_path, compress_level=6)
+    _save_png(frame.image, img_path, compress_level=1)  # noisy photo: barely compressible
+    _save_png(frame.label_ids, Path(f"{gt}_labelIds.png"), compress_level=6)
+    _save_png(frame.instance_ids, Path(f"{gt}_instanceIds.png"), compress_level=6)
+    _save_png(frame.color, Path(f"{gt}_color.png"), compress_level=6)
 
 
 def _save_png(array: np.ndarray, path: Path, compress_level: int) -> None:
@@ -267,6 +337,17 @@ class _Canvas:
     img: np.ndarray  # (H, W, 3) float32, linear-ish RGB in [0, 1]
     lab: np.ndarray  # (H, W) uint8 Cityscapes label ids
     rng: np.random.Generator
+    obj: np.ndarray  # (H, W) int32: the object that painted each pixel (0: none)
+    current: int = 0  # the object being drawn (0: background)
+
+    @classmethod
+    def blank(cls, height: int, width: int, rng: np.random.Generator) -> _Canvas:
+        return cls(
+            np.zeros((height, width, 3), np.float32),
+            np.zeros((height, width), np.uint8),
+            rng,
+            np.zeros((height, width), np.int32),
+        )
 
     @property
     def h(self) -> int:
@@ -291,14 +372,16 @@ class _Canvas:
         rgb = np.broadcast_to(np.asarray(rgb, np.float32), (*shape, 3))
         if grain:
             rgb = rgb * (1 + grain * self.rng.standard_normal((*shape, 1), dtype=np.float32))
-        img, lab = self.img[box.slices], self.lab[box.slices]
+        img, lab, obj = self.img[box.slices], self.lab[box.slices], self.obj[box.slices]
         if mask is None:
             img[...] = rgb
             lab[...] = label
+            obj[...] = self.current
         else:
             mask = np.broadcast_to(mask, shape)
             np.copyto(img, rgb, where=mask[..., None])
             np.copyto(lab, np.uint8(label), where=mask)
+            np.copyto(obj, np.int32(self.current), where=mask)
 
     def shape(self, box: _Box | None, label: int, colour: Colour, mask=None) -> None:
         """Paint an object's shape (with object grain) unless it lies outside the frame."""

@@ -16,6 +16,9 @@ from launch.cli import main as launch_main
 from launch.submit import pid_alive, submit_chain
 from launch.validate import ChainError, validate_chain
 from tests.chains import corrupt_copy, final_weights, write_chain
+from tests.test_erfnet import write_romera_encoder
+
+IMAGENET_ENCODER = "pretrained/erfnet_encoder_pretrained.pth.tar"
 
 THREE_STAGES = {
     "s1": {"method": "cil", "stage": 1},
@@ -41,10 +44,72 @@ def test_shipped_chains_expand_with_teacher_wiring(tmp_path):
             assert jobs[evaluation].depends_on == [spec.stage]
             assert jobs[evaluation].checkpoint == jobs[spec.stage].checkpoint
     paper = expand(load_chain("cityscapes_cil"), tmp_path)
-    assert paper["joint"].resources.nodes == 2  # a stage's resources override the chain's
-    assert paper["cil_stage2"].resources.gpus_per_node == 4
+    assert paper["joint"].resources.tasks_per_node == 3  # a stage's resources override
+    assert paper["cil_stage2"].resources.gpus_per_node == 2
+    for job in (j for j in paper.values() if j.kind == "train"):  # the paper's step everywhere
+        assert (
+            job.train.data.rank_batch_size(job.resources.world_size) * (job.resources.world_size)
+            == 6
+        )
+        assert job.train.model.sync_batchnorm and job.train.precision.dtype == "fp32"
     assert paper["eval_cil"].resources.timeout_min == 60  # eval_resources
     assert paper["cil_stage3"].train.optim.epochs == 200
+
+
+def test_paper_stages_start_from_the_imagenet_encoder_and_the_demo_from_scratch(tmp_path):
+    from cil_dist.cli import load_train_config
+
+    for name in ("paper_stage1", "paper_stage2", "paper_stage3", "paper_joint"):
+        assert load_train_config(name, []).model.encoder_init == IMAGENET_ENCODER, name
+    assert load_train_config("demo_synthetic", []).model.encoder_init == ""
+    for chain, expected in (("cityscapes_cil", IMAGENET_ENCODER), ("demo_synthetic", "")):
+        for name, job in expand(load_chain(chain), tmp_path).items():
+            if job.kind == "train":
+                assert job.train.model.encoder_init == expected, (chain, name)
+
+
+def test_chain_checks_the_encoder_init_file_before_anything_runs(
+    tmp_path, manifest_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)  # model.encoder_init is relative to the working directory
+    stages = {key: THREE_STAGES[key] for key in ("s1", "s2")}
+    path = write_chain(tmp_path, manifest_path, stages)
+    chain = load_chain(str(path), [f"overrides=[model.encoder_init={IMAGENET_ENCODER}]"])
+    with pytest.raises(ChainError) as caught:
+        validate_chain(chain, tmp_path / "run", "local", str(path))
+    assert caught.value.problems == [
+        f"stages.{name}: model.encoder_init: {IMAGENET_ENCODER}: not found (download Romera's "
+        "ImageNet encoder, trained_models/erfnet_encoder_pretrained.pth.tar of "
+        "github.com/Eromera/erfnet_pytorch, or set model.encoder_init='' to train from scratch)"
+        for name in stages
+    ]
+    assert not (tmp_path / "run" / "chain.json").exists()
+
+    (tmp_path / "pretrained").mkdir()
+    (tmp_path / IMAGENET_ENCODER).write_text("<html>Not Found</html>")
+    with pytest.raises(ChainError, match=r"stages\.s1: model\.encoder_init: .*not a readable"):
+        validate_chain(chain, tmp_path / "run", "local", str(path))
+
+    write_romera_encoder(tmp_path / IMAGENET_ENCODER)
+    caplog.set_level("INFO", logger="launch.validate")
+    jobs = validate_chain(chain, tmp_path / "run", "local", str(path))
+    assert [job.train.model.encoder_init for job in jobs.values()] == [IMAGENET_ENCODER] * 2
+    assert caplog.text.count("loads as an encoder initialisation") == 1  # read once per file
+
+
+def test_paper_chain_names_a_missing_imagenet_encoder(tmp_path, manifest_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    chain = load_chain("cityscapes_cil", [f"manifest={manifest_path}"])
+    with pytest.raises(ChainError) as caught:
+        validate_chain(chain, tmp_path / "run", "local")
+    missing = [p for p in caught.value.problems if "model.encoder_init" in p]
+    assert [p.split(":")[0] for p in missing] == [f"stages.{name}" for name in chain.stages]
+    assert all(f"{IMAGENET_ENCODER}: not found" in p for p in missing)
+
+    write_romera_encoder(tmp_path / IMAGENET_ENCODER)
+    with pytest.raises(ChainError) as caught:  # the joint stage's 2 nodes do not fit here
+        validate_chain(chain, tmp_path / "run", "local")
+    assert not [p for p in caught.value.problems if "model.encoder_init" in p]
 
 
 def test_invalid_chain_lists_every_problem_before_anything_runs(tmp_path, manifest_path):

@@ -1,11 +1,21 @@
-"""ERFNet: the architecture of SEED_FACTS and the reference's checkpoint keys."""
+"""ERFNet: the architecture of Romera et al. (2017), the reference's checkpoint keys, and the
+ImageNet encoder initialisation in the format of Romera's erfnet_encoder_pretrained.pth.tar."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from cil_dist.model import CheckpointMismatchError, ERFNet, build_model, load_state_dict_checked
+from cil_dist.model import (
+    CheckpointMismatchError,
+    EncoderInitError,
+    ERFNet,
+    build_model,
+    load_encoder_init,
+    load_state_dict_checked,
+)
 
 
 def reference_key_shapes(num_classes: int) -> dict[str, tuple[int, ...]]:
@@ -115,3 +125,143 @@ def test_encoder_initialisation_round_trip(tmp_path):
     torch.save({"encoder.bogus": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointMismatchError, match=r"bad\.pth.*missing keys"):
         build_model(5, encoder_init=str(tmp_path / "bad.pth"))
+
+
+def romera_state_dict(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``encoder``'s weights as Romera's ImageNet model (imagenet/erfnet_imagenet.py, wrapped in
+    DataParallel) names them, with its 1000-class classifier and no ``num_batches_tracked``
+    (the file predates them)."""
+    state = {
+        f"module.features.encoder.{k}": v.clone()
+        for k, v in encoder.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    state["module.classifier.linear.weight"] = torch.randn(1000, 128)
+    state["module.classifier.linear.bias"] = torch.randn(1000)
+    return state
+
+
+def write_romera_encoder(path: Path, encoder: torch.nn.Module | None = None) -> Path:
+    """A file in the layout of ``erfnet_encoder_pretrained.pth.tar``: the PyTorch ImageNet
+    example's checkpoint dict, written with the legacy (pre-zip) serialisation."""
+    encoder = encoder if encoder is not None else trained_encoder()
+    payload = {
+        "epoch": 90,
+        "arch": "erfnet",
+        "state_dict": romera_state_dict(encoder),
+        "best_prec1": 72.1,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "momentum": 0.9, "params": []}]},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def trained_encoder(seed: int = 1) -> torch.nn.Module:
+    """An ERFNet encoder whose every tensor differs from a fresh one (BN statistics too)."""
+    torch.manual_seed(seed)
+    encoder = ERFNet(19).encoder
+    with torch.no_grad():
+        for value in encoder.state_dict().values():
+            if value.is_floating_point():
+                value.copy_(torch.rand_like(value) + 0.5)
+    return encoder
+
+
+def assert_encoder_loaded(model: ERFNet, source: torch.nn.Module, decoder_before: dict) -> None:
+    loaded = model.encoder.state_dict()
+    for key, value in source.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(loaded[key], value), key
+    for key, value in model.decoder.state_dict().items():
+        assert torch.equal(value, decoder_before[key]), f"decoder changed: {key}"
+
+
+def test_romera_imagenet_encoder_file_loads_as_is(tmp_path):
+    source = trained_encoder()
+    path = write_romera_encoder(tmp_path / "erfnet_encoder_pretrained.pth.tar", source)
+    model = ERFNet(19)
+    decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    load_encoder_init(model, str(path))
+    assert_encoder_loaded(model, source, decoder_before)
+    counters = [v for k, v in model.encoder.state_dict().items() if "num_batches" in k]
+    assert len(counters) == 2 * 13 + 3 and all(int(c) == 0 for c in counters)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "counters"), [("encoder.", True), ("", False), ("module.encoder.", False)]
+)
+def test_plain_encoder_state_dicts_load(tmp_path, prefix, counters):
+    source = trained_encoder(seed=2)
+    state = {
+        prefix + k: v
+        for k, v in source.state_dict().items()
+        if counters or not k.endswith("num_batches_tracked")
+    }
+    torch.save(state, tmp_path / "encoder.pth.tar")
+    model = ERFNet(7)
+    decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    load_encoder_init(model, str(tmp_path / "encoder.pth.tar"))
+    assert_encoder_loaded(model, source, decoder_before)
+
+
+def encoder_init_error(path: Path) -> str:
+    with pytest.raises(EncoderInitError) as caught:
+        load_encoder_init(ERFNet(19), str(path))
+    text = str(caught.value)
+    assert isinstance(caught.value, ValueError)
+    assert text.startswith(f"model.encoder_init: {path}: ") and "\n" not in text, text
+    assert "weights_only" not in text, text
+    return text
+
+
+def test_encoder_init_mismatches_name_the_file_and_the_keys(tmp_path):
+    good = romera_state_dict(trained_encoder())
+    missing = dict(good)
+    del missing["module.features.encoder.layers.3.bn1.running_var"]
+    torch.save({"state_dict": missing}, tmp_path / "missing.pth.tar")
+    assert "missing keys: layers.3.bn1.running_var" in encoder_init_error(
+        tmp_path / "missing.pth.tar"
+    )
+    extra = dict(good, **{"module.decoder.layers.0.conv.weight": torch.zeros(1)})
+    extra["module.classifier.fc.weight"] = torch.zeros(1)
+    torch.save({"state_dict": extra}, tmp_path / "extra.pth.tar")
+    text = encoder_init_error(tmp_path / "extra.pth.tar")
+    assert "unexpected keys: classifier.fc.weight, decoder.layers.0.conv.weight" in text
+    assert "missing" not in text  # absent num_batches_tracked are not reported
+    shaped = dict(good, **{"module.features.encoder.layers.0.conv.weight": torch.zeros(48, 16, 1)})
+    torch.save({"state_dict": shaped}, tmp_path / "shape.pth.tar")
+    assert "layers.0.conv.weight: model (48, 16, 3, 3), file (48, 16, 1)" in encoder_init_error(
+        tmp_path / "shape.pth.tar"
+    )
+
+
+def test_unreadable_encoder_init_files_give_one_line(tmp_path):
+    assert "not found (download Romera's ImageNet encoder" in encoder_init_error(
+        tmp_path / "pretrained" / "erfnet_encoder_pretrained.pth.tar"
+    )
+    (tmp_path / "text.pth.tar").write_text("<html>404</html>\n")
+    assert "not a readable PyTorch weights file" in encoder_init_error(tmp_path / "text.pth.tar")
+    (tmp_path / "empty.pth.tar").write_bytes(b"")
+    assert "not a readable PyTorch weights file" in encoder_init_error(tmp_path / "empty.pth.tar")
+    torch.save({"state_dict": {"x": Path("/")}}, tmp_path / "objects.pth.tar")
+    assert "other than tensors" in encoder_init_error(tmp_path / "objects.pth.tar")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth.tar")
+    assert "expected a state dict, found list" in encoder_init_error(tmp_path / "list.pth.tar")
+    assert "not a file" in encoder_init_error(tmp_path)
+
+
+def test_cil_train_reports_a_missing_encoder_init_in_one_line(tmp_path, manifest_path, capsys):
+    from omegaconf import OmegaConf
+
+    from cil_dist.cli import main
+    from tests.helpers import tiny_train_config
+
+    config = tmp_path / "train.yaml"
+    cfg = tiny_train_config(manifest_path, tmp_path / "runs")
+    config.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    missing = tmp_path / "pretrained" / "erfnet_encoder_pretrained.pth.tar"
+    assert main(["train", "--config", str(config), "--set", f"model.encoder_init={missing}"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "encoder_init" in line]
+    assert len(lines) == 1 and f"model.encoder_init: {missing}: not found" in lines[0], lines

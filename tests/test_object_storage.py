@@ -319,7 +319,7 @@ def test_skipped_samples_land_in_the_epoch_metrics(shard_dir, tmp_path):
             cfg = tiny_train_config(f"{proxy.url}/manifest.json", tmp_path, stage=1)
             cfg.data.on_shard_error, cfg.data.read_retries, cfg.data.retry_backoff = "skip", 0, 0
             parts = build(cfg, DistEnv())
-            stats = train_one_epoch(parts, cfg, DistEnv(), writer=None)
+            stats = train_one_epoch(parts, cfg, DistEnv())
         finally:
             proxy.close()
     assert parts.state.step == 8 // 2

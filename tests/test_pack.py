@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -13,8 +14,9 @@ import pytest
 import webdataset
 from PIL import Image
 
-from cil_dist.data.manifest import Manifest
+from cil_dist.data.manifest import Manifest, ManifestError
 from cil_dist.protocol import TaskProtocol
+from shards import cli as shards_cli
 from shards.pack import PackError, pack
 from tests.conftest import TINY_SIZE
 
@@ -102,15 +104,70 @@ def test_shards_are_byte_identical_and_reruns_skip(small_tree, tmp_path):
     ]
 
 
-def test_jpeg_option_and_resizing(synth_root, tmp_path):
+def first_sample(shard: Path) -> dict:
+    return next(iter(webdataset.WebDataset(str(shard), shardshuffle=False)))
+
+
+def stored_sizes(out: Path, set_name: str, image: str = "image.png") -> tuple:
+    """(image size, label size, meta.json's label_size) of a set's first sample."""
+    sample = first_sample(out / set_name / f"{set_name}-000000.tar")
+    meta = json.loads(sample["meta.json"])
+    return (
+        Image.open(io.BytesIO(sample[image])).size,
+        Image.open(io.BytesIO(sample["label.png"])).size,
+        tuple(meta["label_size"]),
+    )
+
+
+def test_jpeg_option_and_resizing_keeps_val_labels_at_full_resolution(synth_root, tmp_path):
     out = tmp_path / "jpg"
     pack(synth_root, str(out), paper(), size=(64, 32), samples_per_shard=4, image_format="jpg")
-    sample = next(
-        iter(webdataset.WebDataset(str(out / "val" / "val-000000.tar"), shardshuffle=False))
-    )
-    assert "image.jpg" in sample
-    assert Image.open(io.BytesIO(sample["image.jpg"])).size == (64, 32)
-    assert Image.open(io.BytesIO(sample["label.png"])).size == (64, 32)
+    assert stored_sizes(out, "val", "image.jpg") == ((64, 32), TINY_SIZE, TINY_SIZE)
+    assert stored_sizes(out, "task1", "image.jpg") == ((64, 32), (64, 32), (64, 32))
+    manifest = Manifest.load(str(out / "manifest.json"))
+    assert manifest.resolution == (64, 32)
+    assert manifest.label_size("val") == TINY_SIZE
+    assert {manifest.label_size(n) for n in manifest.splits if n != "val"} == {(64, 32)}
+
+
+def test_val_labels_resized_option_and_repack_rewrites_only_val(synth_root, tmp_path, capsys):
+    out = tmp_path / "shards"
+    args = ["pack", "--cityscapes", str(synth_root), "--out", str(out), "--size", "64x32"]
+    assert shards_cli.main([*args, "--val-labels", "resized", "--workers", "1"]) == 0
+    assert stored_sizes(out, "val") == ((64, 32), (64, 32), (64, 32))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+    result = pack(synth_root, str(out), paper(), size=(64, 32), workers=1)  # default: full
+    rewritten = sorted(p.parent.name for p, t in before.items() if p.stat().st_mtime_ns != t)
+    assert rewritten == ["val"] and result.written == 1
+    assert stored_sizes(out, "val") == ((64, 32), TINY_SIZE, TINY_SIZE)
+    capsys.readouterr()
+    assert shards_cli.main(["inspect", str(out / "manifest.json")]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^val\s+3\s+128x64\s", table, re.M), table
+    assert re.search(r"^task1\s+4\s+64x32\s", table, re.M), table
+
+
+def test_bad_val_labels_option_is_a_usage_error(synth_root, tmp_path):
+    args = ["pack", "--cityscapes", str(synth_root), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        shards_cli.main([*args, "--val-labels", "half"])
+    assert exit_info.value.code == 2
+    with pytest.raises(PackError, match=r"--val-labels: expected full or resized, got 'half'"):
+        pack(synth_root, str(tmp_path / "out"), paper(), val_labels="half")
+
+
+def test_full_resolution_val_labels_must_share_one_size(small_tree, tmp_path):
+    write_frame(small_tree, "val", "lindau", 1, seed=5, size=(64, 32))
+    out = tmp_path / "shards"
+    with pytest.raises(
+        PackError,
+        match=r"lindau_000000_000000_gtFine_labelIds\.png is 32x16 but "
+        r".*lindau_000000_000001_gtFine_labelIds\.png is 64x32.*--val-labels resized",
+    ):
+        pack(small_tree, str(out), SMALL, size=(32, 16), workers=1)
+    assert not out.exists()
+    pack(small_tree, str(out), SMALL, size=(32, 16), workers=1, val_labels="resized")
+    assert Manifest.load(str(out / "manifest.json")).label_size("val") == (32, 16)
 
 
 def paper() -> TaskProtocol:
@@ -179,3 +236,15 @@ def test_empty_city_set_is_an_error(tmp_path):
     (root / "leftImg8bit" / "train" / "aachen").mkdir(parents=True)
     with pytest.raises(PackError, match=r"city set 'task1' \(aachen\): no \*_leftImg8bit\.png"):
         pack(root, str(tmp_path / "out"), SMALL, size=TINY_SIZE)
+
+
+def test_manifest_label_size_defaults_to_resolution_and_is_checked(small_tree, tmp_path):
+    out = tmp_path / "shards"
+    pack(small_tree, str(out), SMALL, size=(32, 16), workers=1)
+    raw = json.loads((out / "manifest.json").read_text())
+    assert raw["splits"]["val"]["label_size"] == [32, 16]
+    del raw["splits"]["val"]["label_size"]  # a manifest written before label sizes existed
+    assert Manifest.from_dict(raw).label_size("val") == (32, 16)
+    raw["splits"]["val"]["label_size"] = [32]
+    with pytest.raises(ManifestError, match=r"splits\.val\.label_size: expected \[width, height\]"):
+        Manifest.from_dict(raw)

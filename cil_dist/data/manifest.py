@@ -6,7 +6,7 @@ Layout (``version`` 1)::
      "resolution": [1024, 512], "image_format": "png", "source": "/data/cityscapes",
      "created": "...", "tool": "cil-dist 0.1.0",
      "task_config": {...the task protocol the shards were made for...},
-     "splits": {"task1": {"split": "train", "cities": [...],
+     "splits": {"task1": {"split": "train", "cities": [...], "label_size": [1024, 512],
                            "shards": [{"file": "task1/task1-000000.tar", "samples": 32,
                                        "bytes": 123, "sha256": "...", "recipe": "..."}],
                            "samples": 32, "bytes": 123}, ...},
@@ -14,7 +14,9 @@ Layout (``version`` 1)::
 
 Shard ``file`` entries are relative to the manifest's folder, so a shard folder can be moved
 or uploaded as a whole (``s3://``, ``gs://``, ``https://``: see :mod:`cil_dist.storage`).
-``source`` is stored without credentials or query strings.
+``source`` is stored without credentials or query strings. ``resolution`` is the stored image
+size; a split's ``label_size`` the stored label size (the source resolution for ``val`` by
+default, see :mod:`shards.pack`); a manifest without it means labels at ``resolution``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ class ManifestError(ValueError):
     """A manifest is unreadable or inconsistent; the message names the manifest and key."""
 
 
+def _size(value: Any, where: str) -> tuple[int, int]:
+    """``[w, h]`` as a pair of positive ints; ManifestError naming ``where`` otherwise."""
+    try:
+        width, height = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ManifestError(f"{where}: expected [width, height], got {value!r}") from None
+    if width <= 0 or height <= 0:
+        raise ManifestError(f"{where}: expected a positive size, got {value!r}")
+    return width, height
+
+
 @dataclass(frozen=True)
 class ShardRecord:
     file: str
@@ -48,6 +61,7 @@ class SplitRecord:
     split: str
     cities: list[str]
     shards: list[ShardRecord] = field(default_factory=list)
+    label_size: tuple[int, int] | None = None  # stored label (w, h); None: the resolution
 
     @property
     def samples(self) -> int:
@@ -85,6 +99,7 @@ class Manifest:
             name: {
                 "split": rec.split,
                 "cities": list(rec.cities),
+                "label_size": list(self.label_size(name)),
                 "shards": [asdict(s) for s in rec.shards],
                 "samples": rec.samples,
                 "bytes": rec.bytes,
@@ -156,8 +171,12 @@ class Manifest:
                         recipe=str(s.get("recipe", "")),
                     )
                 )
+            label_size = rec.get("label_size")
             splits[name] = SplitRecord(
-                str(rec.get("split", "train")), list(rec.get("cities", [])), shards
+                str(rec.get("split", "train")),
+                list(rec.get("cities", [])),
+                shards,
+                _size(label_size, f"{shown}: splits.{name}.label_size") if label_size else None,
             )
         width, height = need(raw, "resolution", "")
         return cls(
@@ -172,6 +191,10 @@ class Manifest:
         )
 
     # ----------------------------------------------------------------- queries
+    def label_size(self, split_name: str) -> tuple[int, int]:
+        """The stored label size (w, h) of a split."""
+        return tuple(self.splits[split_name].label_size or self.resolution)
+
     def shard_refs(self, split_names: list[str] | tuple[str, ...] | str) -> list[ShardRef]:
         """Absolute shard references of one or more splits (e.g. ``["task1", "task2"]``)."""
         names = [split_names] if isinstance(split_names, str) else list(split_names)

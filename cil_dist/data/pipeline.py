@@ -309,11 +309,12 @@ def build_train_loader(
         raise ConfigError(
             "data.samples_per_epoch: required when training from shard URLs without a manifest"
         )
-    batches = total // (env.world_size * cfg.batch_size)
+    batch_size = cfg.rank_batch_size(env.world_size)
+    batches = total // (env.world_size * batch_size)
     if batches < 1:
         raise ConfigError(
             f"data.batch_size: {source.description} holds {total} samples, fewer than "
-            f"world_size × batch_size = {env.world_size} × {cfg.batch_size}"
+            f"world_size × batch_size = {env.world_size} × {batch_size}"
         )
     transform = SegmentationTransform(
         tuple(cfg.resize),
@@ -327,7 +328,7 @@ def build_train_loader(
         source,
         transform,
         env,
-        cfg.batch_size,
+        batch_size,
         train=True,
         seed=seed,
         num_workers=cfg.num_workers,
@@ -342,7 +343,7 @@ def build_train_loader(
         source.description,
         total,
         batches,
-        cfg.batch_size,
+        batch_size,
     )
     return EpochLoader(stream, cfg.num_workers, pin_memory=env.device.startswith("cuda"))
 

@@ -1,10 +1,11 @@
-"""Decoding a shard sample and turning it into model input, exactly as SEED_FACTS prescribes.
+"""Decoding a shard sample and turning it into model input, as the paper's pipeline (README
+"Streaming into every rank").
 
 Training: resize to ``resize`` (bilinear image, nearest label) → random down-rescale by a
 factor drawn from U[scale_min, scale_max] and random crop, in one resampling of the crop's
 window (padding the label with 255 if the image is smaller) → random horizontal flip → colour
-jitter (brightness, contrast, saturation, hue
-in random order) → tensor → ImageNet normalisation. Evaluation: resize the image to ``resize``;
+jitter (brightness → contrast → saturation → hue, in that fixed order) → tensor → ImageNet
+normalisation. Evaluation: resize the image to ``resize``;
 the label stays at its stored resolution (predictions are compared at label resolution).
 The task's look-up table maps raw Cityscapes label ids to channels (or 255) while decoding.
 """
@@ -12,6 +13,7 @@ The task's look-up table maps raw Cityscapes label ids to channels (or 255) whil
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,22 +102,21 @@ def _shift_hue(image: Image.Image, factor: float) -> Image.Image:
 
 
 def color_jitter(image: Image.Image, cfg: AugmentConfig, rng: np.random.Generator) -> Image.Image:
-    """Brightness, contrast, saturation and hue jitter, applied in a random order."""
-    ops = []
+    """Brightness, contrast, saturation and hue jitter, in that fixed order (as the original).
+
+    Each factor is drawn uniformly: brightness/contrast/saturation from [1 − x, 1 + x], the hue
+    shift from [−hue, hue] (a fraction of the hue circle)."""
     if cfg.brightness:
         f = rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
-        ops.append(lambda im, f=f: ImageEnhance.Brightness(im).enhance(f))
+        image = ImageEnhance.Brightness(image).enhance(f)
     if cfg.contrast:
         f = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
-        ops.append(lambda im, f=f: ImageEnhance.Contrast(im).enhance(f))
+        image = ImageEnhance.Contrast(image).enhance(f)
     if cfg.saturation:
         f = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
-        ops.append(lambda im, f=f: ImageEnhance.Color(im).enhance(f))
+        image = ImageEnhance.Color(image).enhance(f)
     if cfg.hue:
-        f = rng.uniform(-cfg.hue, cfg.hue)
-        ops.append(lambda im, f=f: _shift_hue(im, f))
-    for index in rng.permutation(len(ops)):
-        image = ops[index](image)
+        image = _shift_hue(image, rng.uniform(-cfg.hue, cfg.hue))
     return image
 
 
@@ -174,13 +175,25 @@ class SegmentationTransform:
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator):
         image, label = decode_image(sample), decode_label(sample)
-        if image.size != label.shape[::-1]:
+        if image.size != label.shape[::-1] and not self._full_size_eval_label(sample, label):
             raise SampleError(
                 f"{_where(sample)}: image is {image.size[0]}x{image.size[1]}, "
                 f"label {label.shape[1]}x{label.shape[0]}"
             )
         image, label = self.apply(image, label, rng)
         return image, label, sample["__key__"]
+
+    def _full_size_eval_label(self, sample: dict[str, Any], label: np.ndarray) -> bool:
+        """In evaluation a label may differ in size from its image (the image is resized anyway)
+        when the sample's meta.json records that label size (val labels packed at full
+        resolution); training samples must match."""
+        if self.augment is not None or "meta.json" not in sample:
+            return False
+        try:
+            recorded = json.loads(sample["meta.json"]).get("label_size")
+        except (ValueError, AttributeError):
+            return False
+        return recorded == [label.shape[1], label.shape[0]]
 
     def apply(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
         """Look-up table, resize/augmentation and normalisation of a decoded pair."""

@@ -2,8 +2,10 @@
 
 from cil_dist.model.erfnet import (
     CheckpointMismatchError,
+    EncoderInitError,
     ERFNet,
     build_model,
+    check_encoder_init,
     load_encoder_init,
     load_state_dict_checked,
 )
@@ -11,7 +13,9 @@ from cil_dist.model.erfnet import (
 __all__ = [
     "CheckpointMismatchError",
     "ERFNet",
+    "EncoderInitError",
     "build_model",
+    "check_encoder_init",
     "load_encoder_init",
     "load_state_dict_checked",
 ]

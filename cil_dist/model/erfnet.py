@@ -2,12 +2,16 @@
 
 Published checkpoints of the reference are plain state dicts with keys such as
 ``encoder.initial_block.conv.weight`` … ``decoder.output_conv.bias``; they load as is (with or
-without DDP's ``module.`` prefix) through :func:`load_state_dict_checked`.
+without DDP's ``module.`` prefix) through :func:`load_state_dict_checked`. As in the paper,
+students may start from Romera's ImageNet-pretrained encoder (``model.encoder_init``), read
+by :func:`load_encoder_init` in the format of that file.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -134,62 +138,156 @@ def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def _shown(keys: list[str], limit: int | None) -> str:
+    if limit is None or len(keys) <= limit:
+        return ", ".join(keys)
+    return ", ".join(keys[:limit]) + f" (+{len(keys) - limit} more)"
+
+
+def mismatch_report(
+    own: dict[str, torch.Tensor], state: dict, source: str, limit: int | None = None
+) -> str:
+    """Missing, unexpected and mis-shaped keys of ``state`` against ``own``; '' if it fits."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    not_tensors = sorted(k for k in set(own) & set(state) if not torch.is_tensor(state[k]))
+    shapes = [
+        f"{k}: model {tuple(own[k].shape)}, {source} {tuple(state[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if torch.is_tensor(state[k]) and own[k].shape != state[k].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_shown(missing, limit)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_shown(unexpected, limit)}")
+    if not_tensors:
+        parts.append(f"not tensors: {_shown(not_tensors, limit)}")
+    if shapes:
+        parts.append(f"shape mismatches: {'; '.join(shapes)}")
+    return " | ".join(parts)
+
+
 def load_state_dict_checked(
     model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict"
 ) -> None:
     """Load all of ``state_dict`` into ``model`` or raise listing every mismatch."""
     state = _strip_module(state_dict)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: model {tuple(own[k].shape)}, {source} {tuple(state[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if own[k].shape != state[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {'; '.join(shapes)}")
-        raise CheckpointMismatchError(f"{source} does not fit ERFNet: " + " | ".join(parts))
+    report = mismatch_report(model.state_dict(), state, source)
+    if report:
+        raise CheckpointMismatchError(f"{source} does not fit ERFNet: {report}")
     model.load_state_dict(state)
 
 
-# Keys of an ImageNet classification head that a segmentation encoder does not have.
-_HEAD_PREFIXES = ("output_conv.", "linear.", "fc.", "classifier.")
+ENCODER_INIT_KEY = "model.encoder_init"
+ENCODER_INIT_HINT = (
+    "download Romera's ImageNet encoder, trained_models/erfnet_encoder_pretrained.pth.tar of "
+    "github.com/Eromera/erfnet_pytorch, or set model.encoder_init='' to train from scratch"
+)
+# Key prefixes of an encoder initialisation, longest first: Romera's ImageNet model saved
+# under DataParallel (``module.features.encoder.``) or not, a segmentation encoder saved with
+# or without DDP's ``module.``, or a bare encoder state dict.
+_ENCODER_PREFIXES = (
+    "module.features.encoder.",
+    "features.encoder.",
+    "module.encoder.",
+    "encoder.",
+    "module.",
+)
+# Classification heads that an encoder initialisation may carry and a segmentation encoder does
+# not have: the ImageNet classifier (``classifier.linear``, 1000 classes) of Romera's
+# imagenet/erfnet_imagenet.py, and the encoder-only training head (``encoder.output_conv``).
+_HEAD_KEYS = frozenset(
+    f"{head}.{p}" for head in ("classifier.linear", "output_conv") for p in ("weight", "bias")
+)
+_SHOWN_KEYS = 12  # keys listed per kind in an error line
+
+
+class EncoderInitError(CheckpointMismatchError):
+    """``model.encoder_init`` cannot be used; the message is one line naming the key and file."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{ENCODER_INIT_KEY}: {path}: {reason}")
+
+
+def _load_failure(exc: Exception) -> str:
+    """One line for a file torch.load cannot read (without PyTorch's weights_only advice)."""
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        detail = found.group(1).split(". ")[0].rstrip(".") if found else ""
+        refused = re.search(r"GLOBAL (\S+)", detail)
+        if refused:
+            return f"holds Python objects other than tensors and plain containers ({refused[1]})"
+        return f"not a readable PyTorch weights file ({detail or 'weights-only loading failed'})"
+    first = text.splitlines()[0][:160] if text else ""
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"not a readable PyTorch weights file ({detail})"
+
+
+def read_encoder_file(path: str) -> dict:
+    """The state dict of an encoder-initialisation file (``{"state_dict": ...}`` unwrapped)."""
+    file = Path(path)
+    if not file.exists():
+        raise EncoderInitError(path, f"not found ({ENCODER_INIT_HINT})")
+    if not file.is_file():
+        raise EncoderInitError(path, "not a file")
+    try:
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many kinds for a bad file
+        raise EncoderInitError(path, _load_failure(exc)) from None
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise EncoderInitError(path, f"expected a state dict, found {type(raw).__name__}")
+    return raw
+
+
+def encoder_keys(raw: dict) -> tuple[dict, list[str]]:
+    """``raw`` with encoder keys made bare, and the classification-head keys left out."""
+    state, head = {}, []
+    for key, value in raw.items():
+        bare = next((key.removeprefix(p) for p in _ENCODER_PREFIXES if key.startswith(p)), key)
+        if bare in _HEAD_KEYS:
+            head.append(key)
+        else:
+            state[bare] = value
+    return state, sorted(head)
 
 
 def load_encoder_init(model: ERFNet, path: str) -> None:
-    """Load a user-supplied encoder initialisation (e.g. ImageNet-pretrained) into ``model``.
+    """Initialise ``model.encoder`` from a user-supplied (ImageNet-pretrained) encoder file.
 
-    Accepts a plain state dict or ``{"state_dict": ...}``, with keys prefixed by ``encoder.``,
-    ``module.encoder.``, ``module.features.encoder.`` or none; classification-head keys are
-    dropped with a log line.
+    Accepts Romera's ``erfnet_encoder_pretrained.pth.tar`` as it is (``{"state_dict": ...}``,
+    keys ``module.features.encoder.*`` plus the ImageNet classifier, no BatchNorm
+    ``num_batches_tracked``) and plain encoder state dicts (keys ``encoder.*`` or bare).
+    Missing ``num_batches_tracked`` buffers keep the model's value; any other missing or
+    unexpected key, or a shape mismatch, raises :class:`EncoderInitError`. The decoder is
+    left untouched.
     """
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointMismatchError(f"{path}: cannot load encoder initialisation: {exc}") from exc
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict):
-        raise CheckpointMismatchError(f"{path}: expected a state dict, got {type(raw).__name__}")
-    state, dropped = {}, []
-    for key, value in raw.items():
-        for prefix in ("module.", "features.", "encoder."):
-            key = key.removeprefix(prefix)
-        if key.startswith(_HEAD_PREFIXES):
-            dropped.append(key)
-            continue
-        state[key] = value
-    if dropped:
-        log.info("%s: dropped classification-head keys %s", path, ", ".join(sorted(dropped)))
-    load_state_dict_checked(model.encoder, state, source=path)
-    log.info("encoder initialised from %s", path)
+    state, head = encoder_keys(read_encoder_file(path))
+    own = model.encoder.state_dict()
+    untracked = [k for k in own if k.endswith(".num_batches_tracked") and k not in state]
+    state.update({k: own[k] for k in untracked})
+    report = mismatch_report(own, state, "file", limit=_SHOWN_KEYS)
+    if report:
+        raise EncoderInitError(path, f"does not fit ERFNet's encoder: {report}")
+    model.encoder.load_state_dict(state)
+    if head:
+        log.info("%s: left out the classification head (%s)", path, ", ".join(head))
+    log.info(
+        "encoder initialised from %s (%d tensors; %d BatchNorm counters absent, kept at their "
+        "value)",
+        path,
+        len(state) - len(untracked),
+        len(untracked),
+    )
+
+
+def check_encoder_init(path: str) -> None:
+    """Raise :class:`EncoderInitError` unless ``path`` loads as an encoder initialisation."""
+    load_encoder_init(ERFNet(1), path)
 
 
 def build_model(
