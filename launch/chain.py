@@ -76,6 +76,16 @@ class EvalSpec:
 
 
 @dataclass
+class SummarySpec:
+    """Report rows (labels of ``report``) compared below the table; unset rows are left out."""
+
+    method: str = ""  # the method under test, e.g. "CIL (this method)"
+    joint: str = ""  # its upper bound: all classes at once
+    lower: str = ""  # its lower bound: fine-tuning
+    first_stage: str = ""  # stage 1 alone: what task 1 was worth when it was learnt
+
+
+@dataclass
 class ChainConfig:
     name: str = "chain"
     train_config: str = "paper_stage1"  # base train config of every stage (name or YAML)
@@ -87,6 +97,7 @@ class ChainConfig:
     stages: dict[str, StageSpec] = field(default_factory=dict)
     evaluations: dict[str, EvalSpec] = field(default_factory=dict)
     report: dict[str, str] = field(default_factory=dict)  # table row label -> evaluation
+    summary: SummarySpec = field(default_factory=SummarySpec)
 
 
 @dataclass

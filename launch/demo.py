@@ -1,12 +1,15 @@
-"""``make demo``: the paper's protocol end to end on a synthetic Cityscapes, on this machine.
+"""``make demo`` / ``make reproduce``: the paper's protocol end to end on a synthetic
+Cityscapes, on this machine.
 
 Steps: generate the synthetic Cityscapes → pack it into shards → stream every split back and
 summarise → train stage 1, then stages 2 and 3 with the paper's method (``cil``), the
-fine-tuning lower bound (``finetune``) and the joint baseline → evaluate every model on the
-val split for its task sets → print and write the paper-shaped table.
+fine-tuning lower bound (``finetune``) and the joint baseline, with validation curves on the
+held-out city → evaluate every model on the val split for its task sets → print and write the
+paper-shaped table, the ratio CIL / joint, the curves (PNG) and a picture of predictions.
 
-The chain is ``configs/chains/demo_synthetic.yaml`` run by submitit's local executor, 2 ranks
-(gloo, CPU) per stage — exactly what ``cil-launch submit demo_synthetic --executor local`` does.
+The chain (``--chain``: ``demo_synthetic``, the few-minute demo, or ``reproduce_synthetic``, the
+converged run) is run by submitit's local executor, 2 ranks (gloo, CPU) per stage — exactly
+what ``cil-launch submit CHAIN --executor local`` does.
 """
 
 from __future__ import annotations
@@ -48,17 +51,19 @@ def read_back(manifest_url: str) -> dict[str, int]:
     return counts
 
 
-def run_chain(out: Path, overrides: list[str], max_parallel: int) -> dict[str, Path]:
-    """The demo chain (stages 1 → 2 → 3 with cil and finetune, joint, evaluations), 2 ranks
-    per stage on submitit's local executor; returns the run folder's final checkpoints."""
+def run_chain(
+    out: Path, chain_name: str, overrides: list[str], max_parallel: int
+) -> dict[str, Path]:
+    """The chain (stages 1 → 2 → 3 with cil and finetune, joint, evaluations), 2 ranks per
+    stage on submitit's local executor; returns the run folder's final checkpoints."""
     from launch.chain import load_chain
     from launch.report import write_report
     from launch.submit import submit_chain
 
     manifest = out / "shards" / "manifest.json"
-    chain = load_chain("demo_synthetic", [f"manifest={manifest}", *overrides])
+    chain = load_chain(chain_name, [f"manifest={manifest}", *overrides])
     run_dir = out / "chain"
-    chain_state = submit_chain(chain, run_dir, "local", "demo_synthetic", max_parallel)
+    chain_state = submit_chain(chain, run_dir, "local", chain_name, max_parallel)
     failed = [r for r in chain_state.jobs.values() if r.state not in ("COMPLETED", "SKIPPED")]
     if failed:
         raise RuntimeError(
@@ -107,6 +112,7 @@ def picture(out: Path, checkpoints: dict[str, Path], frames: int = 3) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chain", default="demo_synthetic", help="shipped chain or YAML")
     parser.add_argument("--out", default="out/demo")
     parser.add_argument("--images-per-city", type=int, default=8)
     parser.add_argument("--size", default="256x128")
@@ -125,7 +131,7 @@ def main() -> None:
     manifest_url = str(out / "shards" / "manifest.json")
     log.info("\n%s", summary(Manifest.load(manifest_url)))
     log.info("read back: %s", read_back(manifest_url))
-    checkpoints = run_chain(out, args.set, args.max_parallel)
+    checkpoints = run_chain(out, args.chain, args.set, args.max_parallel)
     target = picture(
         out,
         {

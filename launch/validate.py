@@ -229,6 +229,9 @@ def eval_problems(chain: ChainConfig, plans: dict[str, StagePlan]) -> list[str]:
     for label, evaluation in chain.report.items():
         if evaluation not in chain.evaluations:
             problems.append(f"report.{label}: {evaluation!r} is not an evaluation")
+    for key, label in vars(chain.summary).items():
+        if label and label not in chain.report:
+            problems.append(f"summary.{key}: {label!r} is not a row of report")
     return problems
 
 

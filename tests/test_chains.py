@@ -152,6 +152,17 @@ def test_missing_shards_and_unwritable_output_are_reported(tmp_path, manifest_pa
     chain = load_chain(str(path), [f"manifest={tmp_path / 'nowhere' / 'manifest.json'}"])
     with pytest.raises(ChainError, match=r"s1: data.batch_size: 8 training samples, fewer than 2"):
         validate_chain(load_chain(str(path), ["overrides=[data.batch_size=5]"]), tmp_path, "local")
+    with pytest.raises(ChainError) as caught:  # the local executor runs 2 ranks
+        validate_chain(
+            load_chain(
+                str(path),
+                ['overrides=["data.global_batch_size=3","eval.every_epochs=1","eval.splits=[nope]"]'],
+            ),
+            tmp_path,
+            "local",
+        )
+    assert "s1: data.global_batch_size: 3 does not divide among 2 ranks" in str(caught.value)
+    assert "s1: eval.splits: split 'nope' is not in" in str(caught.value)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(ChainError) as caught:
@@ -167,14 +178,19 @@ def test_local_chain_runs_two_ranks_in_order_and_resumes(tmp_path, manifest_path
         tmp_path,
         manifest_path,
         stages,
-        evaluations={"e2": {"stage": "s2", "task_sets": ["1", "2", "12"]}},
-        report={"CIL": "e2"},
+        evaluations={
+            "e1": {"stage": "s1", "task_sets": ["1"]},
+            "e2": {"stage": "s2", "task_sets": ["1", "2", "12"]},
+        },
+        report={"CIL": "e2", "stage 1": "e1"},
+        summary={"method": "CIL", "first_stage": "stage 1"},
+        overrides=["eval.every_epochs=1"],
     )
     run = tmp_path / "run"
     assert launch_main(["submit", str(path), "--executor", "local", "--out", str(run)]) == 0
     chain = json.loads((run / "chain.json").read_text())
     assert {n: j["state"] for n, j in chain["jobs"].items()} == dict.fromkeys(
-        ("s1", "s2", "e2"), "COMPLETED"
+        ("s1", "s2", "e1", "e2"), "COMPLETED"
     )
     status = {n: st.read_status(run, n) for n in ("s1", "s2", "e2")}
     assert all(s["world_size"] == 2 for s in status.values())
@@ -183,7 +199,14 @@ def test_local_chain_runs_two_ranks_in_order_and_resumes(tmp_path, manifest_path
     assert f"checkpoint: {run / 'stages' / 's1' / 'checkpoints' / 'final.pt'}" in s2_config
     metrics = json.loads((run / "evals" / "e2" / "metrics.json").read_text())
     assert set(metrics) == {"1", "2", "12"}
-    assert "| CIL |" in (run / "results.md").read_text()
+    results = (run / "results.md").read_text()
+    assert "| CIL |" in results
+    kept = json.loads((run / "evals" / "e2" / "metrics.json").read_text())["1"]["miou"] / (
+        json.loads((run / "evals" / "e1" / "metrics.json").read_text())["1"]["miou"]
+    )
+    assert f"- task 1 kept by CIL after the last stage: **{kept:.3f}** of stage 1's" in results
+    assert (run / "curves.png").stat().st_size > 10_000  # both stages' held-out curves
+    assert (run / "stages" / "s2" / "metrics.csv").is_file()
 
     # Re-submitting skips every finished job (checkpoints verify) and changes nothing.
     before = final_weights(run, "s2")
@@ -198,6 +221,7 @@ def test_local_chain_runs_two_ranks_in_order_and_resumes(tmp_path, manifest_path
     assert {n: r.state for n, r in again.jobs.items()} == {
         "s1": "SKIPPED",
         "s2": "SKIPPED",
+        "e1": "SKIPPED",
         "e2": "COMPLETED",
     }
     assert (run / "evals" / "e2" / "metrics.json").is_file()
