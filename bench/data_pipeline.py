@@ -1,6 +1,6 @@
 """Benchmark: shard pipeline vs a folder loader in the reference's style, samples/s per core.
 
-Both produce identical tensors shapes with the same augmentation (SEED_FACTS): the folder
+Both produce identical tensors shapes with the same augmentation (the paper's): the folder
 loader opens the full-resolution 2048x1024 PNG image and label of each frame and resizes to
 1024x512 per sample, as the reference did; the shard pipeline streams 1024x512 PNGs from
 webdataset shards, ships uint8 tensors and normalises them in the training process (as the

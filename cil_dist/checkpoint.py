@@ -58,6 +58,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def load_failure(exc: Exception) -> str:
+    """One line for a file torch.load cannot read (without PyTorch's weights_only advice)."""
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        detail = found.group(1).split(". ")[0].rstrip(".") if found else ""
+        refused = re.search(r"GLOBAL (\S+)", detail)
+        if refused:
+            return f"holds Python objects other than tensors and plain containers ({refused[1]})"
+        return f"not a readable PyTorch weights file ({detail or 'weights-only loading failed'})"
+    first = text.splitlines()[0][:160] if text else ""
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"not a readable PyTorch weights file ({detail})"
+
+
 def save_checkpoint(path: str | Path, **payload: Any) -> None:
     """Write ``payload`` (plus the format tag) atomically to ``path``; a preemption signal that
     arrives meanwhile is handled once the file is complete."""
@@ -75,8 +90,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         with open(storage.local_path(path), "rb") as stream:
             payload = torch.load(stream, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot load checkpoint: {exc}") from exc
+    except Exception as exc:  # torch.load raises many kinds for a bad file
+        raise CheckpointError(f"{path}: cannot load checkpoint: {load_failure(exc)}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(payload).__name__}")
     if payload.get("format") == FORMAT:

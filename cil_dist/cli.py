@@ -73,11 +73,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from cil_dist.infer import infer
 
-            infer(args.checkpoint, args.image, args.output_path, args.ground_truth, args.task_set)
+            result = infer(
+                args.checkpoint, args.image, args.output_path, args.ground_truth, args.task_set
+            )
+            if "metrics" in result:
+                print(metrics_tables(result["metrics"], Path(args.image).stem))
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     return 0
+
+
+def metrics_tables(results: dict, label: str) -> str:
+    """The paper-shaped mIoU row and the per-class IoU of one image's metrics (stdout)."""
+    from cil_dist.metrics import format_class_table, format_paper_table
+
+    row = {name: result["miou"] for name, result in results.items()}
+    table = format_paper_table({label: row}, tuple(results))
+    names = list(dict.fromkeys(name for result in results.values() for name in result["iou"]))
+    return f"{table}\n\n{format_class_table(results, names)}"
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -65,6 +66,11 @@ class DataConfig:
 
         pair("resize", self.resize)
         pair("augment.crop", self.augment.crop)
+        if any(c > r for c, r in zip(self.augment.crop, self.resize, strict=True)):
+            raise ConfigError(
+                f"data.augment.crop: {list(self.augment.crop)} is larger than data.resize "
+                f"{list(self.resize)}; a crop is cut from the resized (and down-rescaled) frame"
+            )
         if not self.manifest and not self.shards:
             raise ConfigError("data.manifest or data.shards: one of them must be set")
         if not 1.0 <= self.augment.scale_min <= self.augment.scale_max:
@@ -107,6 +113,11 @@ def merge(schema: type, *sources: Any, overrides: list[str] | None = None, where
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+    except yaml.YAMLError as exc:  # a syntax error: one line with the file's line and column
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
 
 
 @dataclass
@@ -146,6 +157,15 @@ class OptimConfig:
     weight_decay: float = 3e-4
     poly_power: float = 0.9
     implementation: str = "auto"  # auto | fused | foreach | plain | apex
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"optim.epochs: must be >= 1, got {self.epochs}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError(
+                f"optim.lr must be > 0 and optim.weight_decay >= 0, got {self.lr}, "
+                f"{self.weight_decay}"
+            )
 
 
 @dataclass
@@ -193,3 +213,12 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Every check that needs no file: data, optimiser and validation settings."""
+        self.data.validate()
+        self.optim.validate()
+        if self.eval.every_epochs < 0:
+            raise ConfigError(f"eval.every_epochs: must be >= 0, got {self.eval.every_epochs}")
+        if self.eval.every_epochs and not self.eval.splits:
+            raise ConfigError("eval.splits: validation during training needs at least one split")

@@ -1,5 +1,6 @@
-"""Evaluation per task set (SEED_FACTS): task-restricted argmax at label resolution, confusion
-matrices summed across ranks, per-class IoU and mIoU, written as JSON and a paper-shaped table.
+"""Evaluation per task set (the paper; README "Evaluation and inference"): task-restricted
+argmax at label resolution, confusion matrices summed across ranks, per-class IoU and mIoU,
+written as JSON and a paper-shaped table.
 Optionally exports predictions as Cityscapes label-id PNGs (``{frame}_leftImg8bit.png``), the
 format the official Cityscapes scripts and benchmark server read.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +66,25 @@ def evaluate(
     return evaluator.results()
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN floats as None: JSON has no NaN (``null`` = no ground truth and no
+    prediction, the class is left out of the mean)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
 def write_results(results: dict[str, Any], protocol: TaskProtocol, out: Path, label: str) -> None:
     """``metrics.json`` plus ``table.md`` (paper-shaped mIoU row and per-class IoU)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(results, indent=1))
+    (out / "metrics.json").write_text(json.dumps(json_safe(results), indent=1, allow_nan=False))
     row = {name: res["miou"] for name, res in results.items()}
     table = format_paper_table({label: row}, tuple(results))
-    classes = format_class_table(results, protocol)
+    classes = format_class_table(results, protocol.class_names)
     (out / "table.md").write_text(f"{table}\n\n{classes}\n")
     log.info("evaluation (%s):\n%s", out, table)
 
@@ -126,6 +140,12 @@ def evaluate_checkpoint(
         else TaskProtocol.load(cfg.stage.tasks)
     )
     num_classes = model.decoder.output_conv.out_channels
+    unknown = [name for name in task_sets or [] if name not in protocol.eval_task_sets]
+    if unknown:
+        raise ValueError(
+            f"--task-sets: unknown task set(s) {', '.join(unknown)}; protocol "
+            f"{protocol.name!r} defines {', '.join(protocol.eval_task_sets)}"
+        )
     if not task_sets:
         task_sets = [
             n

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cil_dist.config import DataConfig
-from cil_dist.evaluate import model_from_checkpoint
+from cil_dist.evaluate import json_safe, model_from_checkpoint
 from cil_dist.metrics import TaskSetEvaluator, restricted_prediction, upsample_logits
 from cil_dist.protocol import TaskProtocol
 from cil_dist.visualize import colorize, overlay
@@ -56,12 +56,15 @@ def infer(
         raise ValueError(
             f"task set {task_set!r} needs channels the {num_classes}-class model lacks"
         )
-    image = Image.open(image_path).convert("RGB")
-    defaults = DataConfig()
-    trained = payload.get("config", {}).get("data", {}).get("resize")
-    resize = tuple(resize or trained or defaults.resize)  # the resolution the model was trained at
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"--image: {image_path}: not a readable image ({exc})") from None
+    defaults, trained = DataConfig(), payload.get("config", {}).get("data", {})
+    resize = tuple(resize or trained.get("resize") or defaults.resize)  # as the run was trained
+    mean, std = trained.get("mean", defaults.mean), trained.get("std", defaults.std)
     tensor = torch.from_numpy(np.asarray(image.resize(resize, Image.BILINEAR), np.float32) / 255)
-    tensor = (tensor - torch.tensor(defaults.mean)) / torch.tensor(defaults.std)
+    tensor = (tensor - torch.tensor(mean)) / torch.tensor(std)  # the run's normalisation
     with torch.inference_mode():
         logits = model(tensor.permute(2, 0, 1)[None].to(device)).float()
         logits = upsample_logits(logits, (image.height, image.width))
@@ -69,6 +72,8 @@ def infer(
     names = [protocol.class_names[c] for c in channels]
     color = colorize(prediction, names)
     out = Path(output_path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-path: {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(image_path).stem
     written = {
@@ -92,6 +97,7 @@ def infer(
         evaluator = TaskSetEvaluator(protocol, num_classes, sets, device=device)
         evaluator.update(logits, gt)
         result["metrics"] = evaluator.results()
-        (out / f"{stem}_metrics.json").write_text(json.dumps(result["metrics"], indent=1))
+        metrics = json.dumps(json_safe(result["metrics"]), indent=1, allow_nan=False)
+        (out / f"{stem}_metrics.json").write_text(metrics)
     log.info("wrote %s", ", ".join(result[k] for k in ("segmentation", "overlay")))
     return result

@@ -136,18 +136,22 @@ def format_paper_table(
     return "\n".join(lines)
 
 
-def format_class_table(results: dict[str, dict[str, Any]], protocol: TaskProtocol) -> str:
+def format_class_table(results: dict[str, dict[str, Any]], class_names: list[str]) -> str:
     """Markdown table of per-class IoU (%) per evaluated task set."""
     sets = list(results)
     lines = ["| class | " + " | ".join(task_set_title(s) for s in sets) + " |"]
     lines.append("|---" * (len(sets) + 1) + "|")
-    for name in protocol.class_names:
+    for name in class_names:
         cells = []
         for task_set in sets:
-            value = results[task_set]["iou"].get(name)
-            cells.append(
-                "" if value is None else "–" if math.isnan(value) else f"{100 * value:.1f}"
-            )
+            ious = results[task_set]["iou"]
+            value = ious.get(name)
+            if name not in ious:
+                cells.append("")
+            elif value is None or math.isnan(value):  # null in metrics.json: NaN
+                cells.append("–")
+            else:
+                cells.append(f"{100 * value:.1f}")
         if any(cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -203,7 +203,7 @@ def run_dir_of(cfg: TrainConfig) -> Path:
 
 def build(cfg: TrainConfig, env: DistEnv) -> Components:
     """Validate the config and build model, teacher, data, optimiser and precision."""
-    cfg.data.validate()
+    cfg.validate()
     protocol = TaskProtocol.load(cfg.stage.tasks)
     plan = plan_stage(cfg, protocol)
     source = ShardSource.from_config(cfg.data, plan.splits)

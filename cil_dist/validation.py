@@ -130,11 +130,7 @@ class Validator:
     def __init__(self, cfg: TrainConfig, plan, env: DistEnv, precision: Precision):
         self.cfg, self.plan, self.env, self.precision = cfg, plan, env, precision
         self.loaders: dict[str, EpochLoader] = {}
-        if cfg.eval.every_epochs < 0:
-            raise ConfigError(f"eval.every_epochs: must be >= 0, got {cfg.eval.every_epochs}")
-        if cfg.eval.every_epochs:
-            if not cfg.eval.splits:
-                raise ConfigError("eval.splits: validation during training needs a split")
+        if cfg.eval.every_epochs:  # settings checked by TrainConfig.validate
             for split in cfg.eval.splits:
                 try:
                     source = ShardSource.from_config(cfg.data, split)

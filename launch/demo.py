@@ -114,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chain", default="demo_synthetic", help="shipped chain or YAML")
     parser.add_argument("--out", default="out/demo")
-    parser.add_argument("--images-per-city", type=int, default=8)
+    parser.add_argument("--images-per-city", type=int, default=12)
     parser.add_argument("--size", default="256x128")
     parser.add_argument("--max-parallel", type=int, default=1, help="jobs running at once")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="chain overrides")

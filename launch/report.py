@@ -114,6 +114,7 @@ def write_report(chain: ChainConfig, run_dir: Path) -> str:
     if curves:
         sections.append(f"\nValidation curves of every stage: `{curves.name}`")
     for label, result in results.items():
-        sections += [f"\n## {label}: IoU (%) per class\n", format_class_table(result, protocol)]
+        classes = format_class_table(result, protocol.class_names)
+        sections += [f"\n## {label}: IoU (%) per class\n", classes]
     (run_dir / "results.md").write_text("\n".join(sections) + "\n")
     return head

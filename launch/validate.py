@@ -81,7 +81,7 @@ def plans_of(chain: ChainConfig, run_dir: Path, problems: list[str]) -> dict[str
             continue
         try:
             cfg = stage_train_config(chain, name, run_dir)
-            cfg.data.validate()
+            cfg.validate()
             plans[name] = plan_stage(cfg, protocol)
         except (ConfigError, FileNotFoundError) as exc:
             problems.append(f"stages.{name}: {exc}")

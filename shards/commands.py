@@ -52,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             TaskProtocol.load(args.tasks),
             size=args.size,
-            samples_per_shard=args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD,
+            samples_per_shard=(
+                DEFAULT_SAMPLES_PER_SHARD
+                if args.samples_per_shard is None
+                else args.samples_per_shard
+            ),
             image_format=args.image_format,
             jpeg_quality=args.jpeg_quality,
             workers=args.workers,

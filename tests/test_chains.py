@@ -156,7 +156,9 @@ def test_missing_shards_and_unwritable_output_are_reported(tmp_path, manifest_pa
         validate_chain(
             load_chain(
                 str(path),
-                ['overrides=["data.global_batch_size=3","eval.every_epochs=1","eval.splits=[nope]"]'],
+                [
+                    'overrides=["data.global_batch_size=3","eval.every_epochs=1","eval.splits=[nope]"]'
+                ],
             ),
             tmp_path,
             "local",
@@ -201,8 +203,9 @@ def test_local_chain_runs_two_ranks_in_order_and_resumes(tmp_path, manifest_path
     assert set(metrics) == {"1", "2", "12"}
     results = (run / "results.md").read_text()
     assert "| CIL |" in results
-    kept = json.loads((run / "evals" / "e2" / "metrics.json").read_text())["1"]["miou"] / (
-        json.loads((run / "evals" / "e1" / "metrics.json").read_text())["1"]["miou"]
+    kept = (
+        json.loads((run / "evals" / "e2" / "metrics.json").read_text())["1"]["miou"]
+        / (json.loads((run / "evals" / "e1" / "metrics.json").read_text())["1"]["miou"])
     )
     assert f"- task 1 kept by CIL after the last stage: **{kept:.3f}** of stage 1's" in results
     assert (run / "curves.png").stat().st_size > 10_000  # both stages' held-out curves

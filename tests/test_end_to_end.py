@@ -170,7 +170,7 @@ def test_cli_train_under_torchrun_then_eval_and_infer(manifest_path, synth_root,
         / "lindau"
         / image.name.replace("leftImg8bit.png", "gtFine_labelIds.png")
     )
-    subprocess.run(
+    inferred = subprocess.run(
         [
             BIN / "cil",
             "infer",
@@ -185,10 +185,15 @@ def test_cli_train_under_torchrun_then_eval_and_infer(manifest_path, synth_root,
         ],
         check=True,
         timeout=300,
+        capture_output=True,
+        text=True,
     )
     written = sorted(p.name for p in (tmp_path / "infer").iterdir())
     stem = image.stem
     assert written == [f"{stem}_metrics.json", f"{stem}_overlay.png", f"{stem}_segmentation.png"]
+    printed = json.loads((tmp_path / "infer" / f"{stem}_metrics.json").read_text())
+    row = f"| {stem} | {100 * printed['1']['miou']:.1f} |"
+    assert row in inferred.stdout and "| road |" in inferred.stdout  # the metrics, on stdout
 
 
 def test_cli_reports_bad_config_keys(tmp_path):
@@ -200,3 +205,78 @@ def test_cli_reports_bad_config_keys(tmp_path):
     )
     assert result.returncode == 2
     assert "epochz" in result.stderr
+
+
+@pytest.mark.slow
+def test_infer_normalises_with_the_runs_mean_and_std(runs, synth_root, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cil_dist.infer import infer
+    from cil_dist.visualize import colorize
+
+    payload = torch.load(runs["stage1"], weights_only=True)
+    payload["config"]["data"].update(mean=[0.3, 0.3, 0.3], std=[0.5, 0.5, 0.5])
+    checkpoint = tmp_path / "other_stats.pt"
+    torch.save(payload, checkpoint)
+    image_path = next((synth_root / "leftImg8bit" / "val" / "lindau").glob("*.png"))
+    written = infer(str(checkpoint), str(image_path), str(tmp_path / "out"))
+
+    model, _ = model_from_checkpoint(str(checkpoint), "cpu")
+    image = Image.open(image_path).convert("RGB")
+    pixels = np.asarray(image.resize(tuple(payload["config"]["data"]["resize"])), np.float32)
+    tensor = (torch.from_numpy(pixels / 255) - 0.3) / 0.5
+    with torch.inference_mode():
+        logits = model(tensor.permute(2, 0, 1)[None])
+    logits = torch.nn.functional.interpolate(logits, (image.height, image.width), mode="nearest")
+    names = TaskProtocol.from_dict(payload["protocol"]).class_names[:5]
+    expected = colorize(logits.argmax(1)[0].numpy(), names)
+    assert np.array_equal(np.asarray(Image.open(written["segmentation"])), expected)
+
+
+@pytest.mark.parametrize("cli", ["cil", "cil-launch"])
+def test_a_yaml_syntax_error_is_one_line_naming_the_file(cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {epochs: 3\n")
+    args = ["train", "--config", bad] if cli == "cil" else ["submit", bad, "--out", tmp_path]
+    result = subprocess.run(
+        [BIN / cli, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{bad}: not valid YAML (line 2, column 1)" in lines[0], lines
+
+
+@pytest.mark.parametrize("case", ["task set", "not an image", "output is a file", "png"])
+def test_misused_eval_and_infer_end_in_one_line_exit_2(case, tmp_path, manifest_path, synth_root):
+    from cil_dist.model import ERFNet
+
+    checkpoint = tmp_path / "plain.pt"
+    torch.save(ERFNet(5).state_dict(), checkpoint)  # a published reference state dict
+    image = next((synth_root / "leftImg8bit" / "val" / "lindau").glob("*.png"))
+    (tmp_path / "file").write_text("")
+    args, expected = {
+        "task set": (
+            ["eval", "--checkpoint", checkpoint, "--task-sets", "7", "--manifest", manifest_path],
+            "--task-sets: unknown task set(s) 7; protocol 'cityscapes_cil' defines 1, 2, 12",
+        ),
+        "not an image": (
+            ["infer", "--checkpoint", checkpoint, "--image", checkpoint, "--output-path", "o"],
+            f"--image: {checkpoint}: not a readable image",
+        ),
+        "output is a file": (
+            ["infer", "--checkpoint", checkpoint, "--image", image, "--output-path", "file"],
+            "--output-path: file is a file, not a folder",
+        ),
+        "png": (
+            ["infer", "--checkpoint", image, "--image", image, "--output-path", "o"],
+            f"{image}: cannot load checkpoint: not a readable PyTorch weights file",
+        ),
+    }[case]
+    result = subprocess.run(
+        [BIN / "cil", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert "weights_only" not in result.stderr

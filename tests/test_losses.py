@@ -19,7 +19,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def reference(student, teacher, labels, c_old, temperature, lam):
-    """Per-pixel loops over the equations of SEED_FACTS, float64."""
+    """Per-pixel loops over the equations of the paper (Sec. III), float64."""
     ce_terms, kd_terms = [], []
     for n in range(student.shape[0]):
         for i in range(student.shape[2]):

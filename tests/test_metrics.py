@@ -101,3 +101,20 @@ def test_colours_and_label_id_export(paper_protocol):
         [[128, 64, 128], [70, 130, 180], [0, 0, 142], [0, 0, 0]]
     ]
     assert channels_to_label_ids(channel_map, names).tolist() == [[7, 23, 26, 0]]
+
+
+def test_results_with_nan_are_written_as_valid_json_with_null(tmp_path, paper_protocol):
+    import json
+
+    from cil_dist.evaluate import write_results
+
+    results = {"1": {"miou": 0.5, "iou": {"road": 0.5, "sky": math.nan}, "pixels": 10}}
+    write_results(results, paper_protocol, tmp_path, "run")
+
+    def refuse(constant: str):
+        raise ValueError(f"not JSON: {constant}")
+
+    written = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert written["1"]["iou"] == {"road": 0.5, "sky": None}
+    table = (tmp_path / "table.md").read_text()
+    assert "| sky | – |" in table and "| road | 50.0 |" in table

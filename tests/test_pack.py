@@ -147,6 +147,13 @@ def test_val_labels_resized_option_and_repack_rewrites_only_val(synth_root, tmp_
     assert re.search(r"^task1\s+4\s+64x32\s", table, re.M), table
 
 
+def test_zero_samples_per_shard_is_refused_not_replaced(synth_root, tmp_path, capsys):
+    args = ["pack", "--cityscapes", str(synth_root), "--out", str(tmp_path / "out")]
+    assert shards_cli.main([*args, "--samples-per-shard", "0"]) == 2
+    assert "--samples-per-shard: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_bad_val_labels_option_is_a_usage_error(synth_root, tmp_path):
     args = ["pack", "--cityscapes", str(synth_root), "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:

@@ -1,4 +1,4 @@
-"""The task protocol YAML and the look-up tables derived from it (SEED_FACTS channel table)."""
+"""The task protocol YAML and the look-up tables derived from it (the paper's channel table)."""
 
 import re
 

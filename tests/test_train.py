@@ -67,6 +67,22 @@ def test_teacher_is_frozen_inference_only_and_outside_the_graph(
     assert all(p.grad is not None for p in parts.student.parameters())
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("epochs", 0, r"optim\.epochs: must be >= 1, got 0"),
+        ("lr", -1.0, r"optim\.lr must be > 0"),
+    ],
+)
+def test_optimiser_settings_that_train_nothing_are_refused(
+    manifest_path, tmp_path, key, value, message
+):
+    cfg = tiny_train_config(manifest_path, tmp_path, method="joint")
+    setattr(cfg.optim, key, value)
+    with pytest.raises(ConfigError, match=message):
+        build(cfg, DistEnv())
+
+
 def test_teacher_with_wrong_class_count_is_refused_before_training(
     manifest_path, stage1_checkpoint, tmp_path
 ):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cil_dist.config import AugmentConfig
+from cil_dist.config import AugmentConfig, ConfigError, DataConfig
 from cil_dist.data.transforms import Normalize, SampleError, SegmentationTransform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -105,3 +105,42 @@ def test_size_mismatch_and_missing_members_are_named():
     del sample["label.png"]
     with pytest.raises(SampleError, match=r"no label\.png"):
         SegmentationTransform((128, 64), MEAN, STD)(sample, np.random.default_rng(0))
+
+
+def test_color_jitter_applies_brightness_contrast_saturation_hue_in_that_order():
+    from PIL import ImageEnhance
+
+    from cil_dist.data.transforms import _shift_hue, color_jitter
+
+    rng_image = np.random.default_rng(3)
+    image = Image.fromarray(rng_image.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    cfg = AugmentConfig()
+    for seed in range(5):  # a random order differs from the fixed one for most seeds
+        draws = np.random.default_rng(seed)
+        b, c, s = (draws.uniform(0.8, 1.2) for _ in range(3))
+        expected = ImageEnhance.Brightness(image).enhance(b)
+        expected = ImageEnhance.Contrast(expected).enhance(c)
+        expected = ImageEnhance.Color(expected).enhance(s)
+        expected = _shift_hue(expected, draws.uniform(-cfg.hue, cfg.hue))
+        jittered = color_jitter(image, cfg, np.random.default_rng(seed))
+        assert np.array_equal(np.asarray(jittered), np.asarray(expected)), seed
+
+
+def test_shipped_cpu_configs_never_pad_their_crops():
+    """A crop larger than the frame rescaled by 1/scale_max is padded with black pixels whose
+    label is 255, which the distillation then learns; the paper's 640x192 of 1024x512 never is."""
+    from cil_dist.cli import load_train_config
+
+    for name in ("demo_synthetic", "reproduce_synthetic", "paper_stage1"):
+        data = load_train_config(name, []).data
+        width, height = data.resize
+        scale = data.augment.scale_max
+        crop_w, crop_h = data.augment.crop
+        assert crop_w <= round(width / scale) and crop_h <= round(height / scale), name
+
+
+def test_a_crop_larger_than_the_resized_frame_is_refused():
+    cfg = DataConfig(manifest="m.json", resize=[256, 128])
+    cfg.augment.crop = [320, 96]
+    with pytest.raises(ConfigError, match=r"data\.augment\.crop: \[320, 96\] is larger than"):
+        cfg.validate()

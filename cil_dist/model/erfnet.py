@@ -10,12 +10,13 @@ by :func:`load_encoder_init` in the format of that file.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cil_dist.checkpoint import load_failure
 
 log = logging.getLogger(__name__)
 
@@ -211,21 +212,6 @@ class EncoderInitError(CheckpointMismatchError):
         super().__init__(f"{ENCODER_INIT_KEY}: {path}: {reason}")
 
 
-def _load_failure(exc: Exception) -> str:
-    """One line for a file torch.load cannot read (without PyTorch's weights_only advice)."""
-    text = str(exc).strip()
-    if text.startswith("Weights only load failed"):
-        found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-        detail = found.group(1).split(". ")[0].rstrip(".") if found else ""
-        refused = re.search(r"GLOBAL (\S+)", detail)
-        if refused:
-            return f"holds Python objects other than tensors and plain containers ({refused[1]})"
-        return f"not a readable PyTorch weights file ({detail or 'weights-only loading failed'})"
-    first = text.splitlines()[0][:160] if text else ""
-    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return f"not a readable PyTorch weights file ({detail})"
-
-
 def read_encoder_file(path: str) -> dict:
     """The state dict of an encoder-initialisation file (``{"state_dict": ...}`` unwrapped)."""
     file = Path(path)
@@ -236,7 +222,7 @@ def read_encoder_file(path: str) -> dict:
     try:
         raw = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many kinds for a bad file
-        raise EncoderInitError(path, _load_failure(exc)) from None
+        raise EncoderInitError(path, load_failure(exc)) from None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
