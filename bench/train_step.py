@@ -78,7 +78,7 @@ ROWS = {
     "default": Row("this trainer, default"),
     "fp32": Row("this trainer, fp32", precision="fp32"),
     "bf16": Row("this trainer, bf16", precision="bf16"),
-    "contiguous": Row("default, contiguous (no channels_last)", channels_last=False),
+    "contiguous": Row("default, no channels_last", channels_last=False),
     "compile": Row("default + torch.compile(student)", compile=True),
     "adam-fused": Row("default + fused Adam", adam="fused"),
     "adam-foreach": Row("default + foreach Adam", adam="foreach"),

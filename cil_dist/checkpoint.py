@@ -3,8 +3,9 @@
 A checkpoint holds the model (without DDP's ``module.`` prefix), optimiser, schedule, scaler,
 the progress record, RNG states, the resolved config and the task protocol. Files live in
 ``RUN/checkpoints/``: ``epoch_0010.pt`` … (the newest ``keep`` are kept) and ``final.pt``.
-A file exists only once completely written (temporary file + rename), so "latest" is simply the
-newest file present.
+A file exists only once completely written (temporary file + rename); a run resumes from the
+newest one that loads (a file damaged after the fact is passed over with a warning), and the
+temporaries of writes a killed job never finished are removed when the run starts again.
 """
 
 from __future__ import annotations
@@ -130,13 +131,21 @@ def periodic_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(PERIODIC.search(p.name).group(1)))
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """``final.pt`` if the run finished, else the newest periodic checkpoint, else None."""
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """``final.pt`` (if any), then the periodic checkpoints, newest first."""
     final = final_path(run_dir)
-    if final.is_file():
-        return final
-    periodic = periodic_checkpoints(run_dir)
-    return periodic[-1] if periodic else None
+    return ([final] if final.is_file() else []) + periodic_checkpoints(run_dir)[::-1]
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that never finished (a killed job)."""
+    folder = checkpoint_dir(run_dir)
+    stale = sorted(folder.glob(".*.pt.*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d unfinished checkpoint write(s) in %s", len(stale), folder)
+    return stale
 
 
 def prune(run_dir: str | Path, keep: int) -> None:

@@ -1,9 +1,10 @@
 """Validation curves of one or more runs as one PNG (matplotlib), from their ``metrics.csv``.
 
 One column per run: the top panel shows the mIoU of every task set the run covers on one split
-(``heldout`` by default) over the epochs, the bottom panel the training losses and, for an
-incremental stage, the distillation diagnostic (argmax agreement with the teacher and the
-old-class probability mass at unlabelled pixels; see :mod:`cil_dist.validation`).
+(``heldout`` by default) over the epochs (dotted: the teacher's final values), the bottom panel
+the training losses and, for an incremental stage, the distillation diagnostic (argmax
+agreement with the teacher and the old-class probability mass at unlabelled pixels; see
+:mod:`cil_dist.validation`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,17 @@ def read_series(run_dir: Path, split: str) -> tuple[Series, Series]:
 TRAIN_SERIES = ("ce", "kd", "distill/agreement", "distill/old_mass")
 
 
-def plot_runs(runs: dict[str, Path], out: Path, split: str = "heldout", title: str = "") -> Path:
-    """Write the curves of ``runs`` (label → run folder) to ``out`` (PNG) and return it."""
+def plot_runs(
+    runs: dict[str, Path],
+    out: Path,
+    split: str = "heldout",
+    title: str = "",
+    teachers: dict[str, Path] | None = None,
+) -> Path:
+    """Write the curves of ``runs`` (label → run folder) to ``out`` (PNG) and return it.
+
+    ``teachers`` (label → the teacher's run folder) adds, dotted, the teacher's last value of
+    each task set both cover: what an incremental stage has to keep."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,9 +64,16 @@ def plot_runs(runs: dict[str, Path], out: Path, split: str = "heldout", title: s
     )
     for column, (label, (curves, train)) in enumerate(series.items()):
         top, bottom = axes[0][column], axes[1][column]
+        teacher = (
+            read_series((teachers or {})[label], split)[0] if label in (teachers or {}) else {}
+        )
         for task_set, points in sorted(curves.items(), key=lambda kv: (len(kv[0]), kv[0])):
             epochs, values = zip(*points, strict=True)
-            top.plot(epochs, [100 * v for v in values], marker=".", label=f"task {task_set}")
+            (line,) = top.plot(
+                epochs, [100 * v for v in values], marker=".", label=f"task {task_set}"
+            )
+            if teacher.get(task_set):
+                top.axhline(100 * teacher[task_set][-1][1], color=line.get_color(), ls=":")
         top.set_title(label, fontsize=10)
         top.set_ylim(0, 100)
         top.grid(alpha=0.3)
@@ -65,7 +82,7 @@ def plot_runs(runs: dict[str, Path], out: Path, split: str = "heldout", title: s
             top.set_ylabel(f"{split} mIoU (%)")
             bottom.set_ylabel("loss / fraction")
         for name in TRAIN_SERIES:
-            if name in train:
+            if name in train and any(value for _, value in train[name]):  # kd is 0 without KD
                 epochs, values = zip(*train[name], strict=True)
                 style = "--" if name.startswith("distill/") else "-"
                 bottom.plot(epochs, values, style, label=name.removeprefix("distill/"))

@@ -262,19 +262,38 @@ def checkpoint_payload(parts: Components, cfg: TrainConfig) -> dict:
     }
 
 
+def newest_loadable(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint of the run that loads; an unreadable newer one (a truncated file)
+    is passed over with a warning naming both."""
+    skipped: list[str] = []
+    for path in ckpt.resume_candidates(run_dir):
+        try:
+            payload = ckpt.load_checkpoint(path)
+        except ckpt.CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        for reason in skipped:
+            log.warning("%s; resuming from %s instead", reason, path)
+        return path, payload
+    if skipped:
+        raise ckpt.CheckpointError(
+            f"{run_dir}: no checkpoint loads ({'; '.join(skipped)}); move them away to restart"
+        )
+    return None
+
+
 def resume(parts: Components, cfg: TrainConfig, run_dir: Path) -> None:
     """Restore everything from the run's latest checkpoint (``checkpoint.resume``)."""
     mode = cfg.checkpoint.resume
-    path = (
-        ckpt.latest_checkpoint(run_dir)
-        if mode == "auto"
-        else None
-        if mode == "none"
-        else Path(mode)
-    )
-    if path is None:
+    if mode == "none":
         return
-    payload = ckpt.load_checkpoint(path)
+    if mode == "auto":
+        found = newest_loadable(run_dir)
+        if found is None:
+            return
+        path, payload = found
+    else:
+        path, payload = Path(mode), ckpt.load_checkpoint(mode)
     if payload.get("format") != ckpt.FORMAT:
         raise ckpt.CheckpointError(f"{path}: a plain state dict cannot be resumed from")
     mine = (parts.plan.method, parts.plan.stage, parts.plan.num_classes)
@@ -381,6 +400,8 @@ def train_stage(cfg: TrainConfig, env: DistEnv) -> Path:
     run_dir = run_dir_of(cfg)
     parts = build(cfg, env)
     write_config(cfg, run_dir, env)
+    if env.is_main:
+        ckpt.remove_stale_temporaries(run_dir)
     resume(parts, cfg, run_dir)
     final = fit(parts, cfg, env, run_dir)
     if cfg.eval.after_training:

@@ -89,8 +89,14 @@ def format_summary(chain: ChainConfig, figures: dict[str, float]) -> str:
 def write_curves(chain: ChainConfig, run_dir: Path) -> Path | None:
     """``RUN_DIR/curves.png``: the held-out curves of every stage that recorded some."""
     runs = {name: stage_dir(run_dir, name) for name in chain.stages}
+    teachers = {
+        name: stage_dir(run_dir, spec.teacher)
+        for name, spec in chain.stages.items()
+        if spec.teacher
+    }
+    title = f"{chain.name}: held-out mIoU (dotted: the teacher's final)"
     try:
-        return plot_runs(runs, run_dir / "curves.png", "heldout", f"{chain.name}: held-out")
+        return plot_runs(runs, run_dir / "curves.png", "heldout", title, teachers)
     except ValueError as exc:  # no stage recorded curves (eval.every_epochs: 0)
         log.info("no curves: %s", exc)
         return None

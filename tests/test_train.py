@@ -240,3 +240,30 @@ def test_distillation_diagnostic_counts_agreement_and_old_mass_at_unlabelled_pix
     assert figures["distill/agreement"] == pytest.approx(
         float((teacher.argmin(1) == teacher.argmax(1))[:, 1:].float().mean())
     )
+
+
+def test_resume_passes_over_a_truncated_checkpoint_and_removes_stale_temporaries(
+    manifest_path, tmp_path, capsys
+):
+    def config(name: str):
+        cfg = tiny_train_config(manifest_path, tmp_path, name=name, method="joint")
+        cfg.optim.epochs, cfg.checkpoint.keep = 3, 5
+        return cfg
+
+    whole = run_training(config("whole"))
+    folder = tmp_path / "broken" / "checkpoints"
+    folder.mkdir(parents=True)
+    shutil.copy(ckpt.periodic_path(tmp_path / "whole", 1), folder)
+    newest = ckpt.periodic_path(tmp_path / "whole", 2).read_bytes()
+    truncated = folder / "epoch_0002.pt"
+    truncated.write_bytes(newest[: len(newest) // 2])  # damaged after it was written
+    stale = folder / ".epoch_0003.pt.abc123.tmp"  # a write that kill -9 interrupted
+    stale.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    resumed = run_training(config("broken"))  # logging replaces pytest's handlers: read stderr
+    assert not stale.exists()
+    warning = next(line for line in capsys.readouterr().err.splitlines() if "resuming" in line)
+    assert str(truncated) in warning and str(folder / "epoch_0001.pt") in warning
+    a, b = ckpt.load_checkpoint(whole), ckpt.load_checkpoint(resumed)
+    assert a["state"] == b["state"]
+    assert all(torch.equal(value, b["model"][key]) for key, value in a["model"].items())

@@ -23,6 +23,7 @@ from PIL import Image, ImageEnhance
 
 from cil_dist import labels
 from cil_dist.config import AugmentConfig
+from cil_dist.labels import IGNORE
 
 try:  # optional accelerator (extra "fast"): libspng PNG decoding
     import pyspng
@@ -31,7 +32,6 @@ except ImportError:  # pragma: no cover - PIL decodes everything
 
 IMAGE_MEMBERS = ("image.png", "image.jpg", "image.jpeg")
 LABEL_MEMBER = "label.png"
-IGNORE = 255
 
 
 class SampleError(ValueError):
