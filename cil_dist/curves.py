@@ -77,7 +77,8 @@ def plot_runs(
         top.set_title(label, fontsize=10)
         top.set_ylim(0, 100)
         top.grid(alpha=0.3)
-        top.legend(fontsize=7, loc="lower right")
+        if curves:
+            top.legend(fontsize=7, loc="lower right")
         if column == 0:
             top.set_ylabel(f"{split} mIoU (%)")
             bottom.set_ylabel("loss / fraction")

@@ -62,7 +62,9 @@ def test_paper_stages_start_from_the_imagenet_encoder_and_the_demo_from_scratch(
     for name in ("paper_stage1", "paper_stage2", "paper_stage3", "paper_joint"):
         assert load_train_config(name, []).model.encoder_init == IMAGENET_ENCODER, name
     assert load_train_config("demo_synthetic", []).model.encoder_init == ""
-    for chain, expected in (("cityscapes_cil", IMAGENET_ENCODER), ("demo_synthetic", "")):
+    # a chain resolves the relative path against the folder it is submitted from
+    absolute = str(Path(IMAGENET_ENCODER).resolve())
+    for chain, expected in (("cityscapes_cil", absolute), ("demo_synthetic", "")):
         for name, job in expand(load_chain(chain), tmp_path).items():
             if job.kind == "train":
                 assert job.train.model.encoder_init == expected, (chain, name)
@@ -77,8 +79,9 @@ def test_chain_checks_the_encoder_init_file_before_anything_runs(
     chain = load_chain(str(path), [f"overrides=[model.encoder_init={IMAGENET_ENCODER}]"])
     with pytest.raises(ChainError) as caught:
         validate_chain(chain, tmp_path / "run", "local", str(path))
+    absolute = tmp_path.resolve() / IMAGENET_ENCODER  # resolved where the chain is submitted
     assert caught.value.problems == [
-        f"stages.{name}: model.encoder_init: {IMAGENET_ENCODER}: not found (download Romera's "
+        f"stages.{name}: model.encoder_init: {absolute}: not found (download Romera's "
         "ImageNet encoder, trained_models/erfnet_encoder_pretrained.pth.tar of "
         "github.com/Eromera/erfnet_pytorch, or set model.encoder_init='' to train from scratch)"
         for name in stages
@@ -93,7 +96,7 @@ def test_chain_checks_the_encoder_init_file_before_anything_runs(
     write_romera_encoder(tmp_path / IMAGENET_ENCODER)
     caplog.set_level("INFO", logger="launch.validate")
     jobs = validate_chain(chain, tmp_path / "run", "local", str(path))
-    assert [job.train.model.encoder_init for job in jobs.values()] == [IMAGENET_ENCODER] * 2
+    assert [job.train.model.encoder_init for job in jobs.values()] == [str(absolute)] * 2
     assert caplog.text.count("loads as an encoder initialisation") == 1  # read once per file
 
 
@@ -107,7 +110,7 @@ def test_paper_chain_names_a_missing_imagenet_encoder(tmp_path, manifest_path, m
     assert all(f"{IMAGENET_ENCODER}: not found" in p for p in missing)
 
     write_romera_encoder(tmp_path / IMAGENET_ENCODER)
-    with pytest.raises(ChainError) as caught:  # the joint stage's 2 nodes do not fit here
+    with pytest.raises(ChainError) as caught:  # its GPU resources do not fit the local executor
         validate_chain(chain, tmp_path / "run", "local")
     assert not [p for p in caught.value.problems if "model.encoder_init" in p]
 
