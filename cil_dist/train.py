@@ -116,7 +116,7 @@ def train_one_epoch(
     # Dropout draws from each rank's global RNG: seeding it per (seed, epoch, rank) makes a run
     # resumed at any epoch boundary, on any number of ranks, repeat the uninterrupted one.
     torch.manual_seed(derive_seed("dropout", cfg.seed, parts.state.epoch, env.rank) % 2**63)
-    sums = torch.zeros(6 if parts.teacher is not None else 3, dtype=torch.float64)
+    sums = None  # [total, ce, kd] (+ the distillation sums with a teacher), summed over steps
     start, images = time.perf_counter(), 0
     lr = parts.optimizer.param_groups[0]["lr"]
     bar = tqdm(
@@ -129,15 +129,15 @@ def train_one_epoch(
     )
     for batch in parts.loader:
         figures = train_step(parts, cfg, batch, env).cpu()
-        sums += figures
+        sums = figures if sums is None else sums + figures
         images += batch["image"].shape[0]
         parts.state.step += 1
         bar.update(1)
         if env.is_main and parts.state.step % cfg.log_every == 0:
             rate = images * env.world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{figures[0]:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-            for name, value in zip(("total", "ce", "kd"), figures.tolist(), strict=False):
-                if log_to is not None:
+            if log_to is not None:
+                for name, value in zip(("total", "ce", "kd"), figures.tolist(), strict=False):
                     log_to.scalar(f"loss/{name}", value, parts.state.step)
     bar.close()
     steps = len(parts.loader)

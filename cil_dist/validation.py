@@ -28,6 +28,7 @@ from cil_dist.config import ConfigError, TrainConfig
 from cil_dist.data.manifest import ManifestError
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_eval_loader
 from cil_dist.distributed import DistEnv
+from cil_dist.labels import IGNORE
 from cil_dist.metrics import TaskSetEvaluator
 from cil_dist.precision import Precision
 
@@ -37,8 +38,6 @@ FIELDS = ("epoch", "step", "split", "name", "value")
 
 def distill_sums(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor):
     """``[agreeing pixels, old-channel mass, unlabelled pixels]`` of one batch (float64)."""
-    from cil_dist.labels import IGNORE
-
     with torch.no_grad():
         unlabelled = labels == IGNORE
         old = teacher_logits.shape[1]

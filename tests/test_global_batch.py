@@ -89,6 +89,7 @@ def _rank(rank: int, out: str, sync_bn: bool, global_counts: bool) -> None:
             },
             out,
         )
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 

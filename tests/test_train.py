@@ -129,21 +129,27 @@ def test_two_process_ddp_keeps_identical_weights(manifest_path, tmp_path):
     )
 
 
-def test_resume_reproduces_the_uninterrupted_run(manifest_path, tmp_path):
-    def config(name: str):
-        cfg = tiny_train_config(manifest_path, tmp_path, name=name, method="joint")
-        cfg.optim.epochs, cfg.checkpoint.keep = 3, 5
-        return cfg
+def three_joint_epochs(manifest: str, out: Path, name: str):
+    """A joint run of 3 epochs keeping every periodic checkpoint."""
+    cfg = tiny_train_config(manifest, out, name=name, method="joint")
+    cfg.optim.epochs, cfg.checkpoint.keep = 3, 5
+    return cfg
 
-    whole = run_training(config("whole"))
+
+def assert_same_final(a: Path, b: Path) -> None:
+    first, second = ckpt.load_checkpoint(a), ckpt.load_checkpoint(b)
+    assert first["state"] == second["state"]
+    for key, value in first["model"].items():
+        assert torch.equal(value, second["model"][key]), key
+
+
+def test_resume_reproduces_the_uninterrupted_run(manifest_path, tmp_path):
+    whole = run_training(three_joint_epochs(manifest_path, tmp_path, "whole"))
     interrupted = tmp_path / "interrupted" / "checkpoints"
     interrupted.mkdir(parents=True)
     shutil.copy(ckpt.periodic_path(tmp_path / "whole", 1), interrupted)  # "crashed" after epoch 1
-    resumed = run_training(config("interrupted"))
-    a, b = ckpt.load_checkpoint(whole), ckpt.load_checkpoint(resumed)
-    assert a["state"] == b["state"]
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    resumed = run_training(three_joint_epochs(manifest_path, tmp_path, "interrupted"))
+    assert_same_final(whole, resumed)
 
 
 def test_resume_refuses_a_checkpoint_of_another_stage(manifest_path, stage1_checkpoint, tmp_path):
@@ -245,12 +251,7 @@ def test_distillation_diagnostic_counts_agreement_and_old_mass_at_unlabelled_pix
 def test_resume_passes_over_a_truncated_checkpoint_and_removes_stale_temporaries(
     manifest_path, tmp_path, capsys
 ):
-    def config(name: str):
-        cfg = tiny_train_config(manifest_path, tmp_path, name=name, method="joint")
-        cfg.optim.epochs, cfg.checkpoint.keep = 3, 5
-        return cfg
-
-    whole = run_training(config("whole"))
+    whole = run_training(three_joint_epochs(manifest_path, tmp_path, "whole"))
     folder = tmp_path / "broken" / "checkpoints"
     folder.mkdir(parents=True)
     shutil.copy(ckpt.periodic_path(tmp_path / "whole", 1), folder)
@@ -260,10 +261,9 @@ def test_resume_passes_over_a_truncated_checkpoint_and_removes_stale_temporaries
     stale = folder / ".epoch_0003.pt.abc123.tmp"  # a write that kill -9 interrupted
     stale.write_bytes(b"half a checkpoint")
     capsys.readouterr()
-    resumed = run_training(config("broken"))  # logging replaces pytest's handlers: read stderr
+    # logging replaces pytest's handlers: read stderr
+    resumed = run_training(three_joint_epochs(manifest_path, tmp_path, "broken"))
     assert not stale.exists()
     warning = next(line for line in capsys.readouterr().err.splitlines() if "resuming" in line)
     assert str(truncated) in warning and str(folder / "epoch_0001.pt") in warning
-    a, b = ckpt.load_checkpoint(whole), ckpt.load_checkpoint(resumed)
-    assert a["state"] == b["state"]
-    assert all(torch.equal(value, b["model"][key]) for key, value in a["model"].items())
+    assert_same_final(whole, resumed)

@@ -3,8 +3,8 @@
 ``torch.nn.SyncBatchNorm`` runs only on GPUs; on CPU ranks (gloo) :class:`GlobalBatchNorm2d`
 computes the same statistics: per-channel sums and sums of squares are summed over ranks with
 an all-reduce whose backward all-reduces their gradients, exactly as SyncBatchNorm's backward
-exchanges them. :func:`convert_sync_batchnorm`
-picks torch's kernel on CUDA and this one elsewhere.
+exchanges them. :func:`convert_sync_batchnorm` picks torch's kernel on CUDA and this one
+elsewhere.
 """
 
 from __future__ import annotations
@@ -34,9 +34,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batch of every rank (eval: as usual)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()):
-            return super().forward(x)
-        if dist.get_world_size() == 1:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             data = x.to(torch.promote_types(x.dtype, torch.float32))
