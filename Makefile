@@ -30,7 +30,7 @@ demo: setup
 # REPRODUCE_SET adds chain overrides, e.g. "stages.cil_stage3.epochs=120".
 REPRODUCE_SET ?=
 reproduce: setup
-	$(BIN)/python -m launch.demo --chain reproduce_synthetic --images-per-city 48 \
+	$(BIN)/python -m launch.demo --chain reproduce_synthetic --images-per-city 48 --max-parallel 2 \
 	  --out out/reproduce $(if $(REPRODUCE_SET),--set $(REPRODUCE_SET))
 
 test: setup

@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,13 @@ def cpu_threads_per_rank(env: dict[str, str] | None = None) -> int:
     """Intra-op threads for one rank: the node's cores shared by its local ranks.
 
     Oversubscribed OpenMP threads spin against each other and can slow a CPU step tenfold, so
-    each of the ranks on a node gets ``cores // local ranks`` unless OMP_NUM_THREADS is set.
+    each rank gets OMP_NUM_THREADS threads if set (a chain job sets it to its resources'
+    ``cpus_per_task``), else SLURM's ``--cpus-per-task``, else ``cores // local ranks``.
     """
     env = dict(os.environ if env is None else env)
-    if "OMP_NUM_THREADS" in env:
-        return max(1, int(env["OMP_NUM_THREADS"]))
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        if env.get(name, "").isdigit():
+            return max(1, int(env[name]))
     local = int(env.get("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1")).split("(")[0])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // max(1, local))
@@ -69,6 +74,7 @@ def init_distributed(env: DistEnv) -> None:
 
     if not env.device.startswith("cuda"):
         torch.set_num_threads(cpu_threads_per_rank())
+        log.info("cpu: %d intra-op thread(s) per rank", torch.get_num_threads())
 
     if env.device.startswith("cuda"):
         torch.cuda.set_device(env.local_rank)

@@ -13,6 +13,7 @@ once the project is installed — ``make setup`` / ``pip install``).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import submitit
@@ -48,6 +49,8 @@ class ChainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         self._preempted = False  # the requeued copy of this object was pickled with True
+        # each rank's intra-op threads on CPU: the job's cpus_per_task, on every executor
+        os.environ["OMP_NUM_THREADS"] = str(self.spec.resources.cpus_per_task)
         rank, world_size, job_id = export_distributed_env()
         if rank == 0:
             attempt = state.job_started(self.run_dir, self.spec.name, job_id, world_size)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import state as st
 from launch.chain import expand, load_chain
@@ -271,7 +272,9 @@ def test_local_cancel_stops_the_driver_and_its_jobs(tmp_path, manifest_path):
     assert not pid_alive(str(job_pid)), "the stage's rank 0 survived the cancel"
 
 
-def test_debug_executor_runs_the_chain_in_this_process(tmp_path, manifest_path):
+def test_debug_executor_runs_the_chain_in_this_process(tmp_path, manifest_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored (unset) afterwards
+    threads = torch.get_num_threads()
     path = write_chain(
         tmp_path,
         manifest_path,
@@ -279,7 +282,12 @@ def test_debug_executor_runs_the_chain_in_this_process(tmp_path, manifest_path):
         evaluations={"e1": {"stage": "s1", "task_sets": ["1"]}},
     )
     run = tmp_path / "run"
-    chain_state = submit_chain(load_chain(str(path)), run, "debug")
+    try:
+        chain_state = submit_chain(load_chain(str(path)), run, "debug")
+        # the job's cpus_per_task (1, the default), not this machine's cores // 1 rank
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert {n: r.state for n, r in chain_state.jobs.items()} == {
         "s1": "COMPLETED",
         "e1": "COMPLETED",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -267,3 +268,12 @@ def test_resume_passes_over_a_truncated_checkpoint_and_removes_stale_temporaries
     warning = next(line for line in capsys.readouterr().err.splitlines() if "resuming" in line)
     assert str(truncated) in warning and str(folder / "epoch_0001.pt") in warning
     assert_same_final(whole, resumed)
+
+
+def test_cpu_threads_follow_the_jobs_cpus_per_task():
+    from cil_dist.distributed import cpu_threads_per_rank
+
+    assert cpu_threads_per_rank({"OMP_NUM_THREADS": "3", "SLURM_CPUS_PER_TASK": "5"}) == 3
+    assert cpu_threads_per_rank({"SLURM_CPUS_PER_TASK": "5", "SLURM_NTASKS_PER_NODE": "2"}) == 5
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads_per_rank({"LOCAL_WORLD_SIZE": "1"}) == cores
