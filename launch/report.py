@@ -2,8 +2,10 @@
 
 Written to ``RUN_DIR/results.md``: the table, the summary the chain asks for (``summary``: the
 method against its joint upper bound on all classes, what it keeps of task 1, the fine-tuning
-lower bound), then the per-class IoU of every row. ``RUN_DIR/curves.png`` shows the validation
-curves of every stage (:mod:`cil_dist.curves`).
+lower bound), the continual-learning metrics of every lineage of stages (:mod:`launch.continual`:
+old / new / all mIoU and each class's IoU after each step, forgetting per task; also
+``RUN_DIR/continual.csv``), then the per-class IoU of every row. ``RUN_DIR/curves.png`` shows
+the validation curves of every stage (:mod:`cil_dist.curves`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from cil_dist.curves import plot_runs
 from cil_dist.metrics import format_class_table, format_paper_table, task_set_title
 from cil_dist.protocol import TaskProtocol
 from launch.chain import ChainConfig, eval_dir, stage_dir
+from launch.continual import write_continual
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,13 @@ def write_report(chain: ChainConfig, run_dir: Path) -> str:
     curves = write_curves(chain, run_dir)
     if curves:
         sections.append(f"\nValidation curves of every stage: `{curves.name}`")
+    continual = write_continual(chain, run_dir, protocol)
+    if continual:
+        sections += [
+            "\n## Continual-learning metrics: IoU (%) after each step "
+            "(old / new / all classes seen so far; step × class also in `continual.csv`)\n",
+            continual,
+        ]
     for label, result in results.items():
         classes = format_class_table(result, protocol.class_names)
         sections += [f"\n## {label}: IoU (%) per class\n", classes]

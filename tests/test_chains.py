@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -213,6 +214,18 @@ def test_local_chain_runs_two_ranks_in_order_and_resumes(tmp_path, manifest_path
     )
     assert f"- task 1 kept by CIL after the last stage: **{kept:.3f}** of stage 1's" in results
     assert (run / "curves.png").stat().st_size > 10_000  # both stages' held-out curves
+    # continual-learning metrics: the lineage s1 → s2, each class's IoU after each step
+    rows = list(csv.DictReader((run / "continual.csv").open()))
+    assert [(r["step"], r["task"]) for r in rows] == [("1", "1")] * 5 + [("2", "1")] * 5 + [
+        ("2", "2")
+    ] * 6
+    e1 = json.loads((run / "evals" / "e1" / "metrics.json").read_text())
+    e2 = json.loads((run / "evals" / "e2" / "metrics.json").read_text())
+    sky = next(r for r in rows if r["step"] == "2" and r["class"] == "sky")
+    assert float(sky["iou"]) == pytest.approx(e2["12"]["iou"]["sky"], abs=1e-6)
+    lost = 100 * (e1["1"]["miou"] - e2["1"]["miou"])
+    then, now = 100 * e1["1"]["miou"], 100 * e2["1"]["miou"]
+    assert f"| 1 | s1 | {then:.1f} | {now:.1f} | {lost:.1f} |" in results
     assert (run / "stages" / "s2" / "metrics.csv").is_file()
 
     # Re-submitting skips every finished job (checkpoints verify) and changes nothing.
@@ -294,3 +307,12 @@ def test_debug_executor_runs_the_chain_in_this_process(tmp_path, manifest_path, 
     }
     assert st.read_status(run, "s1")["world_size"] == 1
     assert (run / "evals" / "e1" / "metrics.json").is_file()
+
+
+def test_lineages_follow_the_teachers_from_stage_1_and_leave_out_joint():
+    from launch.continual import lineages
+
+    assert lineages(load_chain("reproduce_synthetic")) == {
+        "cil_stage3": ["stage1", "cil_stage2", "cil_stage3"],
+        "finetune_stage3": ["stage1", "finetune_stage2", "finetune_stage3"],
+    }
