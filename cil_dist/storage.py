@@ -8,7 +8,8 @@ Google's application default credentials); the only thing configured here is
 
 Writers go through :func:`open_for_write`: a local file is written to a temporary name and
 renamed into place, so a reader never sees a half-written file; object stores commit the object
-when the stream closes. Anything shown to a person goes through :func:`redact_url` first.
+when the stream closes (a write that fails is discarded, not committed). Anything shown to a
+person goes through :func:`redact_url` first.
 """
 
 from __future__ import annotations
@@ -196,8 +197,21 @@ def open_for_write(url: str, mode: str = "wb") -> Iterator[IO]:
             raise
     else:
         fs, path = filesystem(url)
-        with fs.open(path, mode) as stream:
+        stream = fs.open(path, mode)
+        try:
             yield stream
+        except BaseException:
+            _discard(stream)
+            raise
+        stream.close()
+
+
+def _discard(stream: IO) -> None:
+    """Drop an unfinished upload (abort it; a single PUT is never sent) instead of committing
+    what was written so far, as closing would."""
+    with contextlib.suppress(Exception):
+        stream.discard()
+        stream.closed = True  # fsspec's files commit on close; this one must not
 
 
 def exists(url: str) -> bool:

@@ -16,15 +16,26 @@ completes), so a failure never leaves half a shard. ``out`` may be a folder or a
 (``s3://bucket/prefix``, ``gs://…``): shards are uploaded first, the manifest last. Shards are
 packed in parallel (all cores) and byte-identical for identical inputs; a re-run skips shards
 whose recipe (keys, source-file digests, packing parameters) and checksum still match.
+
+A re-pack never touches a shard the previous manifest references: a changed shard whose plain
+name is taken goes to ``{set}-{i:06d}-{recipe[:12]}.tar``, the new manifest replaces the old in
+one step (a rename; one PUT on an object store), and only then are the shards it no longer
+references deleted (files named like this dataset's shards, nothing else). Until that step the
+previous dataset stays complete and verifies. Worker processes die with the packing process
+(Linux: ``PR_SET_PDEATHSIG``), so killing ``cil-shards pack`` leaves none behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
 import logging
 import os
+import re
+import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +61,9 @@ LABEL_SUFFIX = "_gtFine_labelIds.png"
 VAL_LABEL_MODES = ("full", "resized")
 #: The city set whose labels ``val_labels`` concerns (the evaluation set of every protocol).
 EVAL_SET = "val"
+#: Hex digits of the recipe in the name of a shard re-packed while its plain name is taken.
+RECIPE_TAG = 12
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class PackError(ValueError):
@@ -81,7 +95,42 @@ class ShardJob:
 
     @property
     def file(self) -> str:
-        return f"{self.set_name}/{self.set_name}-{self.index:06d}.tar"
+        """The shard's plain name (its name unless the previous manifest holds that name)."""
+        return shard_file(self.set_name, self.index)
+
+
+def shard_file(set_name: str, index: int, recipe: str = "") -> str:
+    """``{set}/{set}-{index:06d}.tar``, with ``-{recipe[:12]}`` before ``.tar`` if given."""
+    tag = f"-{recipe[:RECIPE_TAG]}" if recipe else ""
+    return f"{set_name}/{set_name}-{index:06d}{tag}.tar"
+
+
+def shard_name_pattern(set_name: str) -> re.Pattern[str]:
+    """File names (within the set's folder) of a set's shards, plain or recipe-tagged."""
+    name = re.escape(set_name)
+    return re.compile(rf"{name}-(?P<index>\d{{6}})(?:-[0-9a-f]{{{RECIPE_TAG}}})?\.tar")
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """A job plus what the previous manifest says about its place (picklable)."""
+
+    job: ShardJob
+    previous: ShardRecord | None  # the previous manifest's shard of this set and index
+    plain_taken: bool  # the previous manifest references the plain name: write elsewhere
+
+
+@dataclass(frozen=True)
+class PreviousPack:
+    """The shards of the manifest a re-pack replaces (empty when there is none)."""
+
+    records: dict[tuple[str, int], ShardRecord]  # by (set, index)
+    files: frozenset[str]  # every shard file it references
+    sets: frozenset[str]  # its city sets (each a folder of ``out``)
+
+    def task(self, job: ShardJob) -> ShardTask:
+        previous = self.records.get((job.set_name, job.index))
+        return ShardTask(job, previous, job.file in self.files)
 
 
 @dataclass
@@ -191,9 +240,9 @@ def sample_of(frame: Frame, job: ShardJob) -> dict:
     }
 
 
-def write_shard(job: ShardJob, recipe: str) -> ShardRecord:
-    """Pack one shard (runs in a worker process) and return its manifest record."""
-    url = storage.join(job.out, job.file)
+def write_shard(job: ShardJob, recipe: str, file: str) -> ShardRecord:
+    """Pack one shard as ``file`` (runs in a worker process) and return its manifest record."""
+    url = storage.join(job.out, file)
     digest, size = hashlib.sha256(), 0
     with storage.open_for_write(url) as stream:
         hashing = _HashingWriter(stream)
@@ -201,7 +250,7 @@ def write_shard(job: ShardJob, recipe: str) -> ShardRecord:
             for frame in job.frames:
                 writer.write(sample_of(frame, job))
         digest, size = hashing.digest, hashing.size
-    return ShardRecord(job.file, len(job.frames), size, digest.hexdigest(), recipe)
+    return ShardRecord(file, len(job.frames), size, digest.hexdigest(), recipe)
 
 
 class _HashingWriter:
@@ -219,28 +268,44 @@ class _HashingWriter:
         self.stream.flush()
 
 
-def pack_job(args: tuple[ShardJob, ShardRecord | None]) -> tuple[ShardRecord, bool]:
-    """Write a shard unless its previous record still matches; returns (record, written)."""
-    job, previous = args
+def pack_job(task: ShardTask) -> tuple[ShardRecord, bool]:
+    """Write a shard unless its previous record still matches; returns (record, written).
+
+    A shard is never rewritten under a name the previous manifest references (that dataset
+    must stay valid until the new manifest replaces it): it then gets its recipe in its name.
+    """
+    job, previous = task.job, task.previous
     recipe = recipe_of(job)
     if previous is not None and previous.recipe == recipe:
-        url = storage.join(job.out, job.file)
+        url = storage.join(job.out, previous.file)
         if storage.exists(url) and storage.sha256_of(url) == (previous.sha256, previous.bytes):
             return previous, False
-    return write_shard(job, recipe), True
+    file = shard_file(job.set_name, job.index, recipe) if task.plain_taken else job.file
+    return write_shard(job, recipe, file), True
 
 
-def previous_records(out: str) -> dict[str, ShardRecord]:
-    """Shard records of an existing manifest in ``out`` (empty if none or unreadable)."""
+def previous_pack(out: str) -> PreviousPack:
+    """The shards of an existing manifest in ``out`` (empty if none or unreadable)."""
+    empty = PreviousPack({}, frozenset(), frozenset())
     url = storage.join(out, "manifest.json")
     if not storage.exists(url):
-        return {}
+        return empty
     try:
         manifest = Manifest.load(url)
     except ValueError as exc:
         log.warning("ignoring unreadable previous manifest %s: %s", storage.redact_url(url), exc)
-        return {}
-    return {s.file: s for rec in manifest.splits.values() for s in rec.shards}
+        return empty
+    records = {}
+    for set_name, split in manifest.splits.items():
+        pattern = shard_name_pattern(set_name)
+        for shard in split.shards:
+            folder, _, name = shard.file.rpartition("/")
+            match = pattern.fullmatch(name)
+            if folder == set_name and match:
+                records[(set_name, int(match["index"]))] = shard
+    files = frozenset(s.file for rec in manifest.splits.values() for s in rec.shards)
+    sets = frozenset(name for name in manifest.splits if re.fullmatch(r"\w[\w-]*", name))
+    return PreviousPack(records, files, sets)  # sets: folder names only, never "../x"
 
 
 def source_label_size(frames: list[Frame], set_name: str) -> tuple[int, int]:
@@ -294,22 +359,78 @@ def plan_jobs(
     return plan
 
 
-def remove_stale(out: str, set_name: str, keep: int) -> None:
-    """Delete shards of a set beyond the ``keep`` it now has (local folder or object store)."""
-    if storage.is_local(out):
-        folder = Path(storage.local_path(out)) / set_name
-        paths = [str(p) for p in folder.glob(f"{set_name}-*.tar")]
-        fs = None
-    else:
-        fs, base = storage.filesystem(storage.join(out, set_name))
-        paths = fs.glob(f"{base}/{set_name}-*.tar")
-    for path in paths:
-        index = Path(path).stem.rsplit("-", 1)[-1]
-        if index.isdigit() and int(index) >= keep:
-            if fs is None:
-                os.unlink(path)
-            else:
-                fs.rm(path)
+def is_leftover(name: str, pattern: re.Pattern[str]) -> bool:
+    """A shard file of the set, or the temporary file of one an interrupted pack left behind."""
+    if pattern.fullmatch(name):
+        return True
+    tmp = re.fullmatch(r"\.(?P<shard>.+\.tar)\.[A-Za-z0-9_]+\.tmp", name)  # open_for_write's
+    return bool(tmp and pattern.fullmatch(tmp["shard"]))
+
+
+def remove_unreferenced(out: str, set_names: set[str], keep: set[str]) -> int:
+    """Delete the shards of ``set_names`` in ``out`` that are not in ``keep`` (files relative
+    to ``out``), and stray temporary shards; other files are left alone. Returns the count."""
+    removed = 0
+    for set_name in sorted(set_names):
+        pattern = shard_name_pattern(set_name)
+        fs, folder = storage.filesystem(storage.join(out, set_name))
+        for name in listing(fs, folder.rstrip("/")):
+            if is_leftover(name, pattern) and f"{set_name}/{name}" not in keep:
+                fs.rm_file(f"{folder.rstrip('/')}/{name}")
+                removed += 1
+    return removed
+
+
+def listing(fs, folder: str) -> list[str]:
+    """File names in ``folder`` as the store has them now (worker processes wrote there, so
+    no listing cached in this process is used or kept); empty if there is no such folder."""
+    fs.invalidate_cache(folder)
+    try:
+        return [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(folder, detail=False)]
+    except FileNotFoundError:
+        return []
+    finally:
+        fs.invalidate_cache(folder)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this (worker) process once ``parent`` exits, however it exits
+    (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def init_worker(options: storage.StorageOptions, parent: int) -> None:
+    """Worker set-up: die with the packing process, use its storage options (S3 endpoint)."""
+    die_with_parent(parent)
+    storage.configure(options)
+
+
+def run_tasks(tasks: list[ShardTask], workers: int) -> list[tuple[ShardRecord, bool]]:
+    """``pack_job`` over ``tasks`` in ``workers`` processes, in order; on a failure the jobs not
+    yet started are cancelled (the error is raised once the running ones end)."""
+    bar = tqdm(total=len(tasks), desc="packing shards", unit="shard", disable=None)
+    pool = ProcessPoolExecutor(
+        workers, initializer=init_worker, initargs=(storage.options(), os.getpid())
+    )
+    results = []
+    try:
+        for result in pool.map(pack_job, tasks):
+            results.append(result)
+            bar.update(1)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
+    return results
 
 
 def pack(
@@ -343,21 +464,11 @@ def pack(
         root, out, protocol, tuple(size), samples_per_shard, image_format, jpeg_quality, val_labels
     )
     jobs = plan.jobs
-    previous = previous_records(out)
-    tasks = [(job, previous.get(job.file)) for job in jobs]
+    previous = previous_pack(out)
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    records: dict[str, ShardRecord] = {}
-    written = 0
-    bar = tqdm(total=len(jobs), desc="packing shards", unit="shard", disable=None)
-    # workers get this process's storage options (an explicit S3 endpoint)
-    with ProcessPoolExecutor(
-        workers, initializer=storage.configure, initargs=(storage.options(),)
-    ) as pool:
-        for (job, _), (record, was_written) in zip(tasks, pool.map(pack_job, tasks), strict=True):
-            records[job.file] = record
-            written += was_written
-            bar.update(1)
-    bar.close()
+    results = run_tasks([previous.task(job) for job in jobs], workers)
+    records = {job.file: record for job, (record, _) in zip(jobs, results, strict=True)}
+    written = sum(was_written for _, was_written in results)
     splits = {}
     for set_name, city_set in plan.sets.items():
         shards = [records[j.file] for j in jobs if j.set_name == set_name]
@@ -371,16 +482,18 @@ def pack(
         splits=splits,
     )
     manifest_url = storage.join(out, "manifest.json")
-    manifest.save(manifest_url)  # after the shards: a reader never sees one missing
+    manifest.save(manifest_url)  # after the shards, in one step: the switch to the new dataset
     manifest.url = manifest_url
-    for set_name, record in splits.items():  # only now: the old manifest may still be read
-        remove_stale(out, set_name, len(record.shards))
+    keep = {shard.file for record in splits.values() for shard in record.shards}
+    removed = remove_unreferenced(out, set(splits) | previous.sets, keep)  # only now
     seconds = time.perf_counter() - start
     log.info(
-        "packed %d shards (%d written, %d unchanged) of %d samples into %s in %.1f s",
+        "packed %d shards (%d written, %d unchanged, %d old removed) of %d samples into %s "
+        "in %.1f s",
         len(jobs),
         written,
         len(jobs) - written,
+        removed,
         sum(len(j.frames) for j in jobs),
         storage.redact_url(out),
         seconds,

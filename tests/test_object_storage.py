@@ -16,6 +16,7 @@ from cil_dist.data.reading import ShardChecksumError, ShardReadError
 from cil_dist.distributed import DistEnv
 from shards import cli as shards_cli
 from tests.servers import Fault, ResetProxy, gcs_emulator, moto_server, static_http
+from tests.test_pack import SMALL, VAL_IMAGE, make_small_tree
 from tests.test_pipeline import data_config, eval_keys
 
 KEY_ID = "cil-test-key-id"
@@ -148,6 +149,58 @@ def test_endpoint_from_the_standard_aws_variable(packed, s3_endpoint, monkeypatc
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     assert Manifest.load(MANIFEST).splits["val"].samples == 6
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_failed_repack_on_s3_keeps_the_old_dataset_then_one_switches(s3_endpoint, tmp_path):
+    """As on a local folder: shards that change go to new keys, so a re-pack failing after it
+    uploaded them leaves the old manifest verifying; the next one switches with one PUT of the
+    manifest and deletes the old shard objects, and only those."""
+    from shards.pack import PackError, pack
+    from shards.verify import verify_manifest
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    prefix, root = f"s3://{BUCKET}/repack", make_small_tree(tmp_path / "cityscapes")
+
+    def objects() -> set[str]:
+        listing = client.list_objects_v2(Bucket=BUCKET, Prefix="repack/").get("Contents", [])
+        return {item["Key"].removeprefix("repack/") for item in listing}
+
+    def repack():
+        return pack(root, prefix, SMALL, size=(32, 16), samples_per_shard=2, workers=1)
+
+    storage.configure(endpoint_url=s3_endpoint)
+    first = repack()
+    client.put_object(Bucket=BUCKET, Key="repack/task2/task2-notes.tar", Body=b"not a shard")
+    old = {s.file for r in first.manifest.splits.values() for s in r.shards}
+    make_small_tree(root, seed=100)
+    image = root / VAL_IMAGE
+    good = image.read_bytes()
+    image.write_bytes(b"\x89PNG not really")
+    with pytest.raises(PackError, match=r"lindau_000000_000000_leftImg8bit\.png.*cannot read"):
+        repack()
+    assert verify_manifest(f"{prefix}/manifest.json") == []
+    uploaded = objects() - old - {"manifest.json", "task2/task2-notes.tar"}
+    assert len([key for key in uploaded if not key.startswith("val/")]) == 5, uploaded
+    assert not [key for key in uploaded if key.startswith("val/val-000000")]  # not half a shard
+
+    image.write_bytes(good)
+    recorder = ResetProxy(s3_endpoint)
+    storage.configure(endpoint_url=recorder.url)
+    try:
+        second = repack()
+    finally:
+        recorder.close()
+        storage.configure(endpoint_url=s3_endpoint)
+    assert verify_manifest(f"{prefix}/manifest.json") == []
+    new = {s.file for r in second.manifest.splits.values() for s in r.shards}
+    assert objects() == new | {"manifest.json", "task2/task2-notes.tar"} and not new & old
+    writes = [line.split()[:2] for line in recorder.requests if line[0] in "PD"]  # PUT, DELETE
+    switch = writes.index(["PUT", "/cil-shards/repack/manifest.json"])  # the one manifest PUT
+    assert {verb for verb, key in writes[:switch]} == {"PUT"}
+    assert [verb for verb, key in writes if key.endswith("manifest.json")] == ["PUT"]
+    assert [key for verb, key in writes if verb == "DELETE"] == [
+        f"/cil-shards/repack/{file}" for file in sorted(old)
+    ]
 
 
 # ------------------------------------------------------------------------------ streaming

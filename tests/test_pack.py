@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ from cil_dist.data.manifest import Manifest, ManifestError
 from cil_dist.protocol import TaskProtocol
 from shards import cli as shards_cli
 from shards.pack import PackError, pack
+from shards.verify import verify_manifest
 from tests.conftest import TINY_SIZE
 
 SMALL = TaskProtocol.from_dict(
@@ -47,15 +52,19 @@ def write_frame(root: Path, split: str, city: str, index: int, seed: int, size=(
     return key
 
 
-@pytest.fixture
-def small_tree(tmp_path) -> Path:
-    root = tmp_path / "cityscapes"
-    for seed, (split, city) in enumerate(
+def make_small_tree(root: Path, seed: int = 0) -> Path:
+    """3 frames of 32x16 in each city of ``SMALL`` (``seed`` varies every frame)."""
+    for order, (split, city) in enumerate(
         [("train", "aachen"), ("train", "bochum"), ("train", "bremen"), ("val", "lindau")]
     ):
         for index in range(3):
-            write_frame(root, split, city, index, seed * 10 + index)
+            write_frame(root, split, city, index, seed + order * 10 + index)
     return root
+
+
+@pytest.fixture
+def small_tree(tmp_path) -> Path:
+    return make_small_tree(tmp_path / "cityscapes")
 
 
 def test_round_trip_with_vanilla_webdataset_and_tar(small_tree, tmp_path):
@@ -99,9 +108,12 @@ def test_shards_are_byte_identical_and_reruns_skip(small_tree, tmp_path):
     write_frame(small_tree, "train", "bremen", 2, seed=999)  # changes one task2 shard
     changed = pack(small_tree, str(a), SMALL, size=(32, 16), samples_per_shard=2)
     assert changed.written == 1
-    assert [t for t in tars if (a / t).stat().st_mtime_ns != before[t]] == [
-        Path("task2/task2-000002.tar")
-    ]
+    new = changed.manifest.splits["task2"].shards[2]
+    assert new.file == f"task2/task2-000002-{new.recipe[:12]}.tar"  # its plain name was taken
+    now = sorted(p.relative_to(a) for p in a.rglob("*.tar"))
+    assert now == sorted([t for t in tars if t.name != "task2-000002.tar"] + [Path(new.file)])
+    unchanged = [t for t in tars if t in now]
+    assert {t: before[t] for t in unchanged} == {t: (a / t).stat().st_mtime_ns for t in unchanged}
 
 
 def first_sample(shard: Path) -> dict:
@@ -110,7 +122,8 @@ def first_sample(shard: Path) -> dict:
 
 def stored_sizes(out: Path, set_name: str, image: str = "image.png") -> tuple:
     """(image size, label size, meta.json's label_size) of a set's first sample."""
-    sample = first_sample(out / set_name / f"{set_name}-000000.tar")
+    manifest = Manifest.load(str(out / "manifest.json"))
+    sample = first_sample(out / manifest.splits[set_name].shards[0].file)
     meta = json.loads(sample["meta.json"])
     return (
         Image.open(io.BytesIO(sample[image])).size,
@@ -137,8 +150,11 @@ def test_val_labels_resized_option_and_repack_rewrites_only_val(synth_root, tmp_
     assert stored_sizes(out, "val") == ((64, 32), (64, 32), (64, 32))
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
     result = pack(synth_root, str(out), paper(), size=(64, 32), workers=1)  # default: full
-    rewritten = sorted(p.parent.name for p, t in before.items() if p.stat().st_mtime_ns != t)
-    assert rewritten == ["val"] and result.written == 1
+    kept = {p for p, t in before.items() if p.exists() and p.stat().st_mtime_ns == t}
+    assert sorted({p.parent.name for p in set(before) - kept}) == ["val"]
+    assert result.written == 1 and set(out.rglob("*.tar")) - kept == {
+        out / s.file for s in result.manifest.splits["val"].shards
+    }
     assert stored_sizes(out, "val") == ((64, 32), TINY_SIZE, TINY_SIZE)
     capsys.readouterr()
     assert shards_cli.main(["inspect", str(out / "manifest.json")]) == 0
@@ -255,3 +271,106 @@ def test_manifest_label_size_defaults_to_resolution_and_is_checked(small_tree, t
     raw["splits"]["val"]["label_size"] = [32]
     with pytest.raises(ManifestError, match=r"splits\.val\.label_size: expected \[width, height\]"):
         Manifest.from_dict(raw)
+
+
+# --------------------------------------------------------------------------------- re-packing
+VAL_IMAGE = "leftImg8bit/val/lindau/lindau_000000_000000_leftImg8bit.png"
+
+
+def shard_files(out: Path) -> set[str]:
+    """Every shard-like file under ``out`` (tars and temporaries), relative to ``out``."""
+    return {str(p.relative_to(out)) for p in out.rglob("*") if ".tar" in p.name}
+
+
+def referenced(manifest: Manifest) -> set[str]:
+    return {s.file for rec in manifest.splits.values() for s in rec.shards}
+
+
+def test_a_failed_repack_keeps_the_old_dataset_valid_and_a_good_one_switches(small_tree, tmp_path):
+    """The re-pack changes every training shard, then fails on a corrupt val image after
+    writing them: the old manifest must still verify. Fixed, the next re-pack switches and
+    leaves exactly the new manifest's shards (and the user's own files)."""
+    out = tmp_path / "shards"
+    first = pack(small_tree, str(out), SMALL, size=(32, 16), samples_per_shard=2, workers=1)
+    manifest = out / "manifest.json"
+    old = manifest.read_bytes()
+    (out / "task1" / "notes.txt").write_text("mine")
+    (out / "task1" / "task1-backup.tar").write_bytes(b"mine too")
+    make_small_tree(small_tree, seed=100)  # new pixels in every frame
+    image = small_tree / VAL_IMAGE
+    good = image.read_bytes()
+    image.write_bytes(b"\x89PNG not really")  # the val set is packed last
+    with pytest.raises(PackError, match=r"lindau_000000_000000_leftImg8bit\.png.*cannot read"):
+        pack(small_tree, str(out), SMALL, size=(32, 16), samples_per_shard=2, workers=1)
+    assert manifest.read_bytes() == old
+    assert verify_manifest(str(manifest)) == []
+    new_shards = shard_files(out) - referenced(first.manifest) - {"task1/task1-backup.tar"}
+    written = [f for f in new_shards if not f.startswith("val/")]
+    assert len(written) == 5, new_shards  # task1 and task2 were written before val failed
+
+    image.write_bytes(good)
+    second = pack(small_tree, str(out), SMALL, size=(32, 16), samples_per_shard=2, workers=1)
+    assert (second.written, second.skipped) == (7, 0)
+    assert verify_manifest(str(manifest)) == []
+    assert shard_files(out) == referenced(second.manifest) | {"task1/task1-backup.tar"}
+    assert not referenced(second.manifest) & referenced(first.manifest)
+    assert (out / "task1" / "notes.txt").read_text() == "mine"
+
+
+def children_of(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    children = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.add(int(entry.name))
+    return children
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a zombie holds no memory)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PDEATHSIG")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_workers_die_with_a_killed_pack(synth_root, tmp_path, sig):
+    """A real ``cil-shards pack`` with 3 workers (42 frames upscaled to 2048x1024, one per
+    shard: many seconds of work); killing the parent must take every worker with it."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "shards.cli", "pack", "--cityscapes", str(synth_root)]
+    argv += ["--out", str(out), "--size", "2048x1024", "--samples-per-shard", "1"]
+    proc = subprocess.Popen([*argv, "--workers", "3"], stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        assert wait_for(lambda: len(children_of(proc.pid)) >= 3 or proc.poll() is not None, 30)
+        workers = children_of(proc.pid)
+        assert proc.poll() is None and len(workers) == 3, "pack ended before it was killed"
+        os.kill(proc.pid, sig)
+        assert proc.wait(10) == -sig
+        assert wait_for(lambda: not any(map(running, workers)), 5), [
+            pid for pid in workers if running(pid)
+        ]
+        assert not (out / "manifest.json").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in filter(running, workers):  # only on failure: leave no orphan behind
+            os.kill(pid, signal.SIGKILL)
