@@ -180,6 +180,22 @@ class CheckpointConfig:
     every_epochs: int = 10
     keep: int = 2  # periodic checkpoints kept besides the final one
     resume: str = "auto"  # auto (latest in the run folder) | none | path of a checkpoint
+    # resume although keys that alter the run differ from the checkpoint's (README "Training a
+    # stage"); the changed keys are logged and this config's values used
+    allow_config_change: bool = False
+
+
+@dataclass
+class DistConfig:
+    """The process group of a multi-rank run."""
+
+    # seconds a collective waits for the other ranks before the job fails (a hung or dead
+    # rank); must exceed the longest legitimate wait (README "Training a stage")
+    timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        if not 0 < self.timeout_s < float("inf"):
+            raise ConfigError(f"dist.timeout_s: must be > 0 seconds, got {self.timeout_s}")
 
 
 @dataclass
@@ -213,11 +229,13 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self) -> None:
         """Every check that needs no file: data, optimiser and validation settings."""
         self.data.validate()
         self.optim.validate()
+        self.dist.validate()
         if self.eval.every_epochs < 0:
             raise ConfigError(f"eval.every_epochs: must be >= 0, got {self.eval.every_epochs}")
         if self.eval.every_epochs and not self.eval.splits:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -68,8 +69,20 @@ def cpu_threads_per_rank(env: dict[str, str] | None = None) -> int:
     return max(1, (cores or 1) // max(1, local))
 
 
-def init_distributed(env: DistEnv) -> None:
-    """Join the process group (``env://``: MASTER_ADDR/MASTER_PORT from torchrun or SLURM)."""
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than ``dist.timeout_s`` for another rank (hung or dead)."""
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is gloo's (or the store's) error for a collective that timed out."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "socket timeout" in text)
+
+
+def init_distributed(env: DistEnv, timeout_s: float | None = None) -> None:
+    """Join the process group (``env://``: MASTER_ADDR/MASTER_PORT from torchrun or SLURM);
+    ``timeout_s`` bounds how long the rendezvous and every collective wait (torch's default:
+    30 min on gloo, 10 min on NCCL)."""
     import torch.distributed as dist
 
     if not env.device.startswith("cuda"):
@@ -79,7 +92,8 @@ def init_distributed(env: DistEnv) -> None:
     if env.device.startswith("cuda"):
         torch.cuda.set_device(env.local_rank)
     if env.distributed and not dist.is_initialized():
-        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size)
+        timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, **timeout)
 
 
 def cleanup_distributed() -> None:

@@ -24,11 +24,13 @@ from cil_dist.config import ConfigError, TrainConfig
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_train_loader
 from cil_dist.data.shardlist import derive_seed
 from cil_dist.distributed import (
+    CollectiveTimeout,
     DistEnv,
     all_reduce_sum,
     barrier,
     cleanup_distributed,
     init_distributed,
+    is_timeout,
 )
 from cil_dist.logs import setup_logging
 from cil_dist.losses import cross_entropy, finetune_loss, global_pixel_counts, incremental_loss
@@ -302,6 +304,7 @@ def resume(parts: Components, cfg: TrainConfig, run_dir: Path) -> None:
         raise ckpt.CheckpointError(
             f"{path}: checkpoint is (method, stage, classes) = {theirs}, this run is {mine}"
         )
+    changes = check_config_change(cfg, payload, path)
     load_state_dict_checked(parts.bare_student, payload["model"])
     parts.optimizer.load_state_dict(payload["optimizer"])
     parts.scheduler.load_state_dict(payload["scheduler"])
@@ -309,7 +312,47 @@ def resume(parts: Components, cfg: TrainConfig, run_dir: Path) -> None:
         parts.precision.scaler.load_state_dict(payload["scaler"])
     parts.state = ckpt.TrainState(**payload["state"])
     ckpt.set_rng_state(payload["rng"])
+    if changes:
+        apply_optim_config(parts, cfg)
     log.info("resumed from %s at epoch %d, step %d", path, parts.state.epoch, parts.state.step)
+
+
+def check_config_change(cfg: TrainConfig, payload: dict, path: Path) -> dict:
+    """The keys that alter the run and differ from the checkpoint's config: an error, or with
+    ``checkpoint.allow_config_change`` a warning naming them (this config's values are used)."""
+    changes = ckpt.config_changes(payload.get("config") or {}, public_config(cfg))
+    if not changes:
+        return changes
+    described = ckpt.describe_changes(changes)
+    if not cfg.checkpoint.allow_config_change:
+        raise ConfigError(
+            f"{path}: this config changes {described} against the checkpoint's; "
+            "set checkpoint.allow_config_change=true to resume with the new values, "
+            "or give the run another name"
+        )
+    ignored = " (no effect: the weights come from the checkpoint)"
+    log.warning(
+        "checkpoint.allow_config_change: resuming %s with %s; this config is used from here "
+        "on (data, model settings, optimiser lr and weight decay on the new schedule), the "
+        "weights, optimiser moments, progress and RNG states are the checkpoint's%s",
+        path,
+        described,
+        ignored if "model.encoder_init" in changes else "",
+    )
+    return changes
+
+
+def apply_optim_config(parts: Components, cfg: TrainConfig) -> None:
+    """After restoring the checkpoint's optimiser: this config's lr and weight decay, the lr on
+    its poly schedule at the resumed epoch (the checkpoint restores the old base lr)."""
+    scheduler = parts.scheduler
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler.base_lrs = [cfg.optim.lr] * len(parts.optimizer.param_groups)
+    for group in parts.optimizer.param_groups:
+        group["initial_lr"] = cfg.optim.lr
+        group["lr"] = cfg.optim.lr * factor
+        group["weight_decay"] = cfg.optim.weight_decay
+    scheduler._last_lr = [group["lr"] for group in parts.optimizer.param_groups]
 
 
 def save(parts: Components, cfg: TrainConfig, path: Path, env: DistEnv) -> None:
@@ -399,10 +442,10 @@ def train_stage(cfg: TrainConfig, env: DistEnv) -> Path:
     """Build, resume, train, evaluate; returns the final checkpoint path."""
     run_dir = run_dir_of(cfg)
     parts = build(cfg, env)
-    write_config(cfg, run_dir, env)
     if env.is_main:
         ckpt.remove_stale_temporaries(run_dir)
     resume(parts, cfg, run_dir)
+    write_config(cfg, run_dir, env)  # only once the checkpoint fits this config
     final = fit(parts, cfg, env, run_dir)
     if cfg.eval.after_training:
         from cil_dist.evaluate import evaluate_run
@@ -415,8 +458,23 @@ def run_training(cfg: TrainConfig) -> Path:
     """Entry point of one stage in this process (plain, torchrun or a submitit task)."""
     env = DistEnv.from_environment()
     setup_logging(env.rank)
-    init_distributed(env)
+    cfg.validate()
+    init_distributed(env, cfg.dist.timeout_s)
     try:
         return train_stage(cfg, env)
+    except RuntimeError as exc:
+        if env.distributed and is_timeout(exc):
+            raise timed_out(exc, cfg, env) from exc
+        raise
     finally:
         cleanup_distributed()
+
+
+def timed_out(exc: RuntimeError, cfg: TrainConfig, env: DistEnv) -> CollectiveTimeout:
+    """The error of a collective that waited longer than ``dist.timeout_s``."""
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return CollectiveTimeout(
+        f"rank {env.rank}: another rank did not answer within dist.timeout_s = "
+        f"{cfg.dist.timeout_s:g} s (hung, dead or slower than the timeout allows); "
+        f"stopping (last checkpoint intact): {first}"
+    )
