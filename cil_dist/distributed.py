@@ -87,7 +87,7 @@ def init_distributed(env: DistEnv, timeout_s: float | None = None) -> None:
 
     if not env.device.startswith("cuda"):
         torch.set_num_threads(cpu_threads_per_rank())
-        log.info("cpu: %d intra-op thread(s) per rank", torch.get_num_threads())
+        log.debug("cpu: %d intra-op thread(s) per rank", torch.get_num_threads())
 
     if env.device.startswith("cuda"):
         torch.cuda.set_device(env.local_rank)
