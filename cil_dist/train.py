@@ -141,12 +141,9 @@ def train_one_epoch(
                     log_to.scalar(f"loss/{name}", value, parts.state.step)
     bar.close()
     steps = len(parts.loader)
-    skipped = parts.loader.skipped
-    totals = all_reduce_sum(
-        [*sums.tolist(), float(images), float(skipped.shards), float(skipped.samples)], env
-    )
+    *figures, images = all_reduce_sum([*sums.tolist(), float(images)], env)
     seconds = time.perf_counter() - start
-    *figures, images, skipped_shards, skipped_samples = totals
+    skipped_shards, skipped_samples = parts.loader.skipped.totals(env)  # each shard once
     parts.state.samples += int(images)
     # rank r's loss is W · (its pixel sum) / (global pixels): the batch's loss is the ranks' mean
     per_step = steps * env.world_size

@@ -84,7 +84,8 @@ def plans_of(chain: ChainConfig, run_dir: Path, problems: list[str]) -> dict[str
             cfg.validate()
             plans[name] = plan_stage(cfg, protocol)
         except (ConfigError, FileNotFoundError) as exc:
-            problems.append(f"stages.{name}: {exc}")
+            prefix = f"stages.{name}: "  # stage_train_config's errors name the stage already
+            problems.append(str(exc) if str(exc).startswith(prefix) else prefix + str(exc))
     for name, spec in chain.stages.items():
         teacher = spec.teacher
         if name in plans and teacher in plans and plans[name].uses_previous:
@@ -326,6 +327,6 @@ def validate_chain(
             checked.add(key)
             problems += sbatch_test_only(name, resources)
     problems += writable_problems(run_dir)
-    if problems:
-        raise ChainError(source, problems)
+    if problems:  # a reason shared by several jobs (no sbatch on PATH) is listed once
+        raise ChainError(source, list(dict.fromkeys(problems)))
     return jobs
