@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,15 @@ def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv) -
     return figures
 
 
+def closing_bar(batches: Iterable[dict], bar: tqdm) -> Iterator[dict]:
+    """The batches; the progress bar is closed when they end or fail, so that a data error's
+    one line is not glued to the bar."""
+    try:
+        yield from batches
+    finally:
+        bar.close()
+
+
 def train_one_epoch(
     parts: Components, cfg: TrainConfig, env: DistEnv, log_to: MetricsLog | None = None
 ) -> dict:
@@ -127,7 +137,7 @@ def train_one_epoch(
         file=sys.stderr,
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
     )
-    for batch in parts.loader:
+    for batch in closing_bar(parts.loader, bar):
         figures = train_step(parts, cfg, batch, env).cpu()
         sums = figures if sums is None else sums + figures
         images += batch["image"].shape[0]

@@ -99,8 +99,9 @@ def failure(exc: BaseException) -> str:
     """A transport error in words: "not found", "access denied" or its type and message."""
     if isinstance(exc, FileNotFoundError):
         return "not found"
-    if isinstance(exc, PermissionError):
-        return "access denied (check credentials)"
+    status = getattr(exc, "status", None)  # aiohttp.ClientResponseError: the HTTP status
+    if isinstance(exc, PermissionError) or status in (401, 403):
+        return f"access denied{f' (HTTP {status})' if status else ''}; check credentials"
     if isinstance(exc, RetriesExhaustedError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
