@@ -198,7 +198,7 @@ def check_manifest_protocol(source: ShardSource, cfg: TrainConfig, protocol: Tas
     for name, city_set in protocol.city_sets().items():
         if name in manifest.splits and list(manifest.splits[name].cities) != list(city_set.cities):
             raise ConfigError(
-                f"data.manifest: {cfg.data.manifest} split {name!r} holds cities "
+                f"data.manifest: {redact_url(cfg.data.manifest)} split {name!r} holds cities "
                 f"{manifest.splits[name].cities}, protocol {protocol.name!r} wants "
                 f"{list(city_set.cities)}; re-pack with --tasks {protocol.source}"
             )

@@ -38,8 +38,8 @@ class ChainError(ValueError):
     """The chain cannot run; ``problems`` lists every reason."""
 
     def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
+        self.problems = [storage.redact_url(p) for p in problems]  # URLs without credentials
+        lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source}: {len(problems)} problem(s), nothing submitted:\n{lines}")
 
 
@@ -131,7 +131,7 @@ def data_problems(jobs: dict[str, JobSpec], plans: dict[str, StagePlan]) -> list
             if split not in manifest.splits:
                 key = "eval.splits: " if split in curves and split not in needed else ""
                 problems.append(
-                    f"{name}: {key}split {split!r} is not in {url} "
+                    f"{name}: {key}split {split!r} is not in {storage.redact_url(url)} "
                     f"(it has {', '.join(manifest.splits)})"
                 )
         if job.kind == "train" and needed and all(s in manifest.splits for s in needed):

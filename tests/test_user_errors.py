@@ -274,3 +274,18 @@ def test_a_shard_read_by_both_ranks_counts_once(shard_dir, tmp_path):
     for rank in range(2):
         stats = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert (stats["skipped_shards"], stats["skipped_samples"]) == (1, shared.samples)
+
+
+def test_chain_validation_names_a_credentialed_manifest_without_its_secrets(shard_dir, tmp_path):
+    from launch.chain import load_chain
+    from launch.validate import ChainError, validate_chain
+
+    with credential_http(shard_dir, {}) as base:
+        manifest = f"{with_credentials(base)}/manifest.json?sig={SIGNATURE}"
+        evaluations = {"e": {"stage": "s1", "split": "nosuch"}}
+        stages = {"s1": {"method": "cil", "stage": 1}}
+        path = write_chain(tmp_path, manifest, stages, evaluations=evaluations)
+        with pytest.raises(ChainError) as caught:
+            validate_chain(load_chain(str(path)), tmp_path / "run", "local", str(path))
+    assert f"e: split 'nosuch' is not in {base}/manifest.json (it has" in str(caught.value)
+    assert_no_secret(tmp_path / "run", str(caught.value), *caught.value.problems)
