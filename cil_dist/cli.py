@@ -14,12 +14,16 @@ import sys
 from pathlib import Path
 
 from cil_dist.config import ConfigError, TrainConfig, merge
+from cil_dist.storage import redact_url
 
 log = logging.getLogger("cil")
 
 
-def load_train_config(config: str | None, overrides: list[str], base: dict | None = None):
-    """TrainConfig from a shipped name or YAML file (plus a base dict and dotted overrides)."""
+def load_train_config(
+    config: str | None, overrides: list[str], base: dict | None = None, label: str = "override"
+):
+    """TrainConfig from a shipped name or YAML file (plus a base dict and dotted overrides;
+    an error in one is blamed on ``label`` and the override, e.g. ``--set optim.lr=abc``)."""
     import configs
 
     sources = [base] if base else []
@@ -28,8 +32,7 @@ def load_train_config(config: str | None, overrides: list[str], base: dict | Non
         path = configs.find("train", config)
         sources.append(str(path))
         where = str(path)
-    cfg = merge(TrainConfig, *sources, overrides=overrides, where=where)
-    return cfg
+    return merge(TrainConfig, *sources, overrides=overrides, where=where, label=label)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cil_dist.checkpoint import CheckpointError
+    from cil_dist.data.reading import ShardReadError
     from cil_dist.logs import setup_logging
 
     setup_logging(0)
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from cil_dist.train import run_training
 
-            run_training(load_train_config(args.config, args.set))
+            run_training(load_train_config(args.config, args.set, label="--set"))
         elif args.command == "eval":
             run_eval(args)
         else:
@@ -78,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if "metrics" in result:
                 print(metrics_tables(result["metrics"], Path(args.image).stem))
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        log.error("%s", exc)
+    except (ConfigError, CheckpointError, ShardReadError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", redact_url(str(exc)))  # a data error names a shard URL
         return 2
     return 0
 

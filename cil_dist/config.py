@@ -6,6 +6,7 @@ rejected with the full dotted key in the message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,21 +102,51 @@ class DataConfig:
         return self.global_batch_size // world_size
 
 
-def merge(schema: type, *sources: Any, overrides: list[str] | None = None, where: str = "config"):
-    """Merge YAML files / dicts onto the dataclass ``schema``; apply ``key=value`` overrides."""
+def merge(
+    schema: type,
+    *sources: Any,
+    overrides: list[str] | None = None,
+    where: str = "config",
+    label: str = "override",
+):
+    """Merge YAML files / dicts onto the dataclass ``schema``; apply ``key=value`` overrides.
+
+    An error in a source names ``where``; one in an override names it (``--set k=v`` with
+    ``label="--set"``). Either way one line with the dotted key.
+    """
+    from cil_dist.storage import redact_url  # an override may carry a URL with credentials
+
+    merged = _guarded(where, lambda: _merge_sources(schema, sources))
+    for item in overrides or []:
+        shown = f"{label} {redact_url(item)}"
+        merged = _guarded(shown, lambda: _override(merged, item), in_file=False)  # noqa: B023
+    return _guarded(where, lambda: OmegaConf.to_object(merged))
+
+
+def _override(merged: Any, item: str):
+    return OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+
+
+def _merge_sources(schema: type, sources: tuple[Any, ...]):
+    merged = OmegaConf.structured(schema)
+    for source in sources:
+        loaded = OmegaConf.load(source) if isinstance(source, str) else OmegaConf.create(source)
+        merged = OmegaConf.merge(merged, loaded)
+    return merged
+
+
+def _guarded(where: str, action: Callable[[], Any], in_file: bool = True) -> Any:
+    """``action()``, its OmegaConf or YAML error turned into one ConfigError line naming
+    ``where`` (and, ``in_file``, the YAML error's line and column)."""
     try:
-        merged = OmegaConf.structured(schema)
-        for source in sources:
-            loaded = OmegaConf.load(source) if isinstance(source, str) else OmegaConf.create(source)
-            merged = OmegaConf.merge(merged, loaded)
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)
+        return action()
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{where}: {key}: {message}" if key else f"{where}: {message}") from None
     except yaml.YAMLError as exc:  # a syntax error: one line with the file's line and column
         mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark and in_file else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
 

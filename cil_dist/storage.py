@@ -156,7 +156,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     except ImportError as exc:
         extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol_of(url))
         hint = f"; install it with `pip install cil-dist[{extra}]`" if extra else ""
-        raise ImportError(f"{redact_url(url)}: {exc}{hint}") from exc
+        raise ImportError(f"{redact_url(url)}: {exc}{hint}") from None
 
 
 @functools.cache

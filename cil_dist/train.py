@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,15 @@ def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv) -
     return figures
 
 
+def closing_bar(batches: Iterable[dict], bar: tqdm) -> Iterator[dict]:
+    """The batches; the progress bar is closed when they end or fail, so that a data error's
+    one line is not glued to the bar."""
+    try:
+        yield from batches
+    finally:
+        bar.close()
+
+
 def train_one_epoch(
     parts: Components, cfg: TrainConfig, env: DistEnv, log_to: MetricsLog | None = None
 ) -> dict:
@@ -129,7 +139,7 @@ def train_one_epoch(
         file=sys.stderr,
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
     )
-    for batch in parts.loader:
+    for batch in closing_bar(parts.loader, bar):
         figures = train_step(parts, cfg, batch, env).cpu()
         sums = figures if sums is None else sums + figures
         images += batch["image"].shape[0]
@@ -143,12 +153,9 @@ def train_one_epoch(
                     log_to.scalar(f"loss/{name}", value, parts.state.step)
     bar.close()
     steps = len(parts.loader)
-    skipped = parts.loader.skipped
-    totals = all_reduce_sum(
-        [*sums.tolist(), float(images), float(skipped.shards), float(skipped.samples)], env
-    )
+    *figures, images = all_reduce_sum([*sums.tolist(), float(images)], env)
     seconds = time.perf_counter() - start
-    *figures, images, skipped_shards, skipped_samples = totals
+    skipped_shards, skipped_samples = parts.loader.skipped.totals(env)  # each shard once
     parts.state.samples += int(images)
     # rank r's loss is W · (its pixel sum) / (global pixels): the batch's loss is the ranks' mean
     per_step = steps * env.world_size
@@ -193,7 +200,7 @@ def check_manifest_protocol(source: ShardSource, cfg: TrainConfig, protocol: Tas
     for name, city_set in protocol.city_sets().items():
         if name in manifest.splits and list(manifest.splits[name].cities) != list(city_set.cities):
             raise ConfigError(
-                f"data.manifest: {cfg.data.manifest} split {name!r} holds cities "
+                f"data.manifest: {redact_url(cfg.data.manifest)} split {name!r} holds cities "
                 f"{manifest.splits[name].cities}, protocol {protocol.name!r} wants "
                 f"{list(city_set.cities)}; re-pack with --tasks {protocol.source}"
             )

@@ -121,7 +121,7 @@ def load_chain(path: str | Path, overrides: list[str] | None = None) -> ChainCon
     import configs
 
     found = configs.find("chains", str(path))
-    return merge(ChainConfig, str(found), overrides=overrides, where=str(found))
+    return merge(ChainConfig, str(found), overrides=overrides, where=str(found), label="--set")
 
 
 def chain_to_yaml(chain: ChainConfig) -> str:

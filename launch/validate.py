@@ -38,8 +38,8 @@ class ChainError(ValueError):
     """The chain cannot run; ``problems`` lists every reason."""
 
     def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
+        self.problems = [storage.redact_url(p) for p in problems]  # URLs without credentials
+        lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source}: {len(problems)} problem(s), nothing submitted:\n{lines}")
 
 
@@ -84,7 +84,8 @@ def plans_of(chain: ChainConfig, run_dir: Path, problems: list[str]) -> dict[str
             cfg.validate()
             plans[name] = plan_stage(cfg, protocol)
         except (ConfigError, FileNotFoundError) as exc:
-            problems.append(f"stages.{name}: {exc}")
+            prefix = f"stages.{name}: "  # stage_train_config's errors name the stage already
+            problems.append(str(exc) if str(exc).startswith(prefix) else prefix + str(exc))
     for name, spec in chain.stages.items():
         teacher = spec.teacher
         if name in plans and teacher in plans and plans[name].uses_previous:
@@ -130,7 +131,7 @@ def data_problems(jobs: dict[str, JobSpec], plans: dict[str, StagePlan]) -> list
             if split not in manifest.splits:
                 key = "eval.splits: " if split in curves and split not in needed else ""
                 problems.append(
-                    f"{name}: {key}split {split!r} is not in {url} "
+                    f"{name}: {key}split {split!r} is not in {storage.redact_url(url)} "
                     f"(it has {', '.join(manifest.splits)})"
                 )
         if job.kind == "train" and needed and all(s in manifest.splits for s in needed):
@@ -326,6 +327,6 @@ def validate_chain(
             checked.add(key)
             problems += sbatch_test_only(name, resources)
     problems += writable_problems(run_dir)
-    if problems:
-        raise ChainError(source, problems)
+    if problems:  # a reason shared by several jobs (no sbatch on PATH) is listed once
+        raise ChainError(source, list(dict.fromkeys(problems)))
     return jobs

@@ -89,10 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "endpoint_url", ""):
         storage.configure(endpoint_url=args.endpoint_url)
 
+    from cil_dist.data.reading import TRANSIENT
+
     try:
         return commands.run(args)
-    except (ValueError, OSError, RuntimeError) as exc:
-        log.error("%s", exc)
+    except (ValueError, OSError, RuntimeError, *TRANSIENT) as exc:  # TRANSIENT: transport errors
+        log.error("%s", storage.redact_url(str(exc)))  # an fsspec error may quote a signed URL
         return 2
 
 

@@ -138,10 +138,11 @@ class Manifest:
         except FileNotFoundError:
             raise ManifestError(f"{shown}: manifest not found") from None
         except ImportError as exc:
-            raise ManifestError(str(exc)) from exc
+            raise ManifestError(str(exc)) from None
         except Exception as exc:  # OSError, bad JSON, or a transport library's own errors
             reason = storage.redact_url(f"{type(exc).__name__}: {exc}")
-            raise ManifestError(f"{shown}: cannot read manifest: {reason}") from exc
+            # from None: the transport's own error may hold the URL with its credentials
+            raise ManifestError(f"{shown}: cannot read manifest: {reason}") from None
         return cls.from_dict(raw, url)
 
     @classmethod

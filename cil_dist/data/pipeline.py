@@ -17,9 +17,11 @@ The recipe (it avoids webdataset's known multi-rank traps by construction):
    Batches carry uint8 images and labels (a fifth of the bytes of float/int64 between worker
    processes and to the GPU); :attr:`EpochLoader.to_device` normalises them on the device.
 5. A shard whose transfer fails is re-opened at its byte offset (``data.read_retries``); when
-   that is exhausted, ``data.on_shard_error: skip`` skips it and counts the samples lost
-   (:attr:`EpochLoader.skipped`, summed over workers), training still cycling to its quota so
-   every rank keeps the same number of batches.
+   that is exhausted, ``data.on_shard_error: skip`` skips it and counts it once with the
+   samples lost (:attr:`EpochLoader.skipped`, over workers; :meth:`SkipCounter.totals` over
+   ranks), training still cycling to its quota so every rank keeps the same number of batches.
+   Otherwise the shard's error (URL redacted, last key read) reaches the training process as
+   raised, also from a worker process.
 """
 
 from __future__ import annotations
@@ -53,12 +55,13 @@ from cil_dist.data.shardlist import (
     slot_of,
     worker_quota,
 )
-from cil_dist.data.transforms import Normalize, SegmentationTransform
-from cil_dist.distributed import DistEnv
+from cil_dist.data.transforms import Normalize, SampleError, SegmentationTransform
+from cil_dist.distributed import DistEnv, all_reduce_sum
 
 log = logging.getLogger(__name__)
 
 MAX_EMPTY_CYCLES = 64
+DATA_ERRORS = (ShardReadError, SampleError)  # one line naming the shard (redacted) and key
 
 
 @dataclass(frozen=True)
@@ -108,27 +111,53 @@ def read_policy(cfg: DataConfig) -> ReadPolicy:
 
 
 class SkipCounter:
-    """Shards and samples skipped under ``on_shard_error: skip``, shared with DataLoader workers."""
+    """Shards and samples skipped under ``on_shard_error: skip``, shared with DataLoader workers.
 
-    def __init__(self) -> None:
-        self._counts = multiprocessing.Array("q", 2)  # shards, samples
+    Kept per shard of the source: a shard counts once however many slots (workers, ranks) or
+    training cycles met it unreadable. Its lost samples are counted in an epoch's first cycle
+    only, where the slots' slices partition every shard exactly (later cycles re-read shards
+    just to fill a worker's quota).
+    """
 
-    def add(self, piece: ShardSlice, missing: int | None, _: ShardReadError) -> None:
+    def __init__(self, refs: tuple[ShardRef, ...] | list[ShardRef]) -> None:
+        self._index = {ref.url: i for i, ref in enumerate(refs)}
+        self._counts = multiprocessing.Array("q", 2 * len(self._index))  # flags, then samples
+
+    def add(self, piece: ShardSlice, missing: int | None, cycle: int = 0) -> None:
+        i, n = self._index[piece.ref.url], len(self._index)
         with self._counts.get_lock():
-            self._counts[0] += 1
-            self._counts[1] += missing or 0
+            self._counts[i] = 1
+            if cycle == 0:
+                self._counts[n + i] += missing or 0
 
     def reset(self) -> None:
         with self._counts.get_lock():
-            self._counts[0] = self._counts[1] = 0
+            self._counts[:] = [0] * len(self._counts)
+
+    def vector(self) -> list[float]:
+        """Per shard: skipped (0/1), then per shard: samples lost (this process's view)."""
+        with self._counts.get_lock():
+            return [float(c) for c in self._counts]
+
+    @staticmethod
+    def count(vector: list[float]) -> tuple[int, int]:
+        """``(shards, samples)`` of a (possibly rank-summed) :meth:`vector`."""
+        n = len(vector) // 2
+        return sum(1 for flag in vector[:n] if flag > 0), int(sum(vector[n:]))
+
+    def totals(self, env: DistEnv) -> tuple[int, int]:
+        """``(shards, samples)`` skipped over all ranks (a collective: every rank calls it)."""
+        return self.count(all_reduce_sum(self.vector(), env))
 
     @property
     def shards(self) -> int:
-        return int(self._counts[0])
+        """Distinct shards skipped by this rank."""
+        return self.count(self.vector())[0]
 
     @property
     def samples(self) -> int:
-        return int(self._counts[1])
+        """Samples lost on this rank."""
+        return self.count(self.vector())[1]
 
 
 def collate(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> dict[str, Any]:
@@ -162,7 +191,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.verify = shuffle_buffer, verify
         self.policy = policy or ReadPolicy()
         self.storage_options = storage_options or storage.options()
-        self.skipped = SkipCounter()
+        self.skipped = SkipCounter(source.refs)
         self._epoch = multiprocessing.Value("q", 0, lock=False)  # seen by persistent workers
 
     @property
@@ -173,8 +202,11 @@ class ShardStream(IterableDataset):
     def epoch(self, value: int) -> None:
         self._epoch.value = value
 
-    def _read(self, piece: ShardSlice) -> Iterator[dict[str, Any]]:
-        return iter_slice(piece, self.verify, self.policy, self.skipped.add)
+    def _read(self, piece: ShardSlice, cycle: int = 0) -> Iterator[dict[str, Any]]:
+        def skipped(piece: ShardSlice, missing: int | None, _: ShardReadError) -> None:
+            self.skipped.add(piece, missing, cycle)
+
+        return iter_slice(piece, self.verify, self.policy, skipped)
 
     def _slot(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -188,7 +220,7 @@ class ShardStream(IterableDataset):
         for cycle in itertools.count():
             produced = 0
             for piece in assign(epoch_order(refs, self.seed, epoch, cycle), slots, slot):
-                for sample in self._read(piece):
+                for sample in self._read(piece, cycle):
                     produced += 1
                     yield sample
             # a tiny shard shared by many slots can leave one slot empty in some cycles
@@ -220,7 +252,21 @@ class ShardStream(IterableDataset):
         else:
             samples = self._eval_samples(slot, slots)
         items = (self.transform(sample, rng) for sample in samples)
-        yield from _batches(items, self.batch_size, partial=not self.train)
+        try:
+            yield from _batches(items, self.batch_size, partial=not self.train)
+        except DATA_ERRORS as exc:
+            if get_worker_info() is None:
+                raise
+            yield WorkerFailure(exc)  # ends this worker's epoch; the loader raises it
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A data error of a DataLoader worker, sent to the training process as an item: torch
+    would re-raise it as a RuntimeError holding the worker's whole traceback instead of the
+    one line that names the shard and sample."""
+
+    error: Exception
 
 
 def _batches(items: Iterator, size: int, partial: bool) -> Iterator[dict[str, Any]]:
@@ -286,7 +332,14 @@ class EpochLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.stream.skipped.reset()
-        return iter(self.loader)
+        return self._batches(iter(self.loader))
+
+    @staticmethod
+    def _batches(batches: Iterator) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            if isinstance(batch, WorkerFailure):
+                raise batch.error
+            yield batch
 
     @property
     def skipped(self) -> SkipCounter:

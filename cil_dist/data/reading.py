@@ -19,13 +19,14 @@ import hashlib
 import importlib
 import io
 import logging
+import re
 import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from cil_dist import storage
 from cil_dist.data.manifest import ShardRef
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 1 << 16
 READ_BUFFER = 1 << 20  # bytes per transport read under the tar reader
 ON_ERROR = ("fail", "skip")
+_STREAM_REPR = re.compile(r" @ <[^>]*>")
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
@@ -87,13 +89,45 @@ class ReadPolicy:
             raise ValueError("read_retries and retry_backoff must be >= 0")
 
 
-class ShardReadError(RuntimeError):
-    """A shard could not be read; names the shard URL (redacted) and the last sample key read."""
+def one_line(text: str) -> str:
+    """``text`` redacted (:func:`cil_dist.storage.redact_url`) and on one line, without the
+    ``@ <stream repr>`` that webdataset appends to tar errors (the shard is named anyway)."""
+    return " ".join(_STREAM_REPR.sub("", redact_url(text)).split())
 
-    def __init__(self, url: str, last_key: str | None, reason: str):
-        where = f"after sample {last_key!r}" if last_key else "before its first sample"
-        super().__init__(f"shard {redact_url(url)}: {redact_url(reason)} ({where})")
-        self.url, self.last_key, self.reason = url, last_key, reason
+
+def failure(exc: BaseException) -> str:
+    """A transport error in words: "not found", "access denied" or its type and message."""
+    if isinstance(exc, FileNotFoundError):
+        return "not found"
+    status = getattr(exc, "status", None)  # aiohttp.ClientResponseError: the HTTP status
+    if isinstance(exc, PermissionError) or status in (401, 403):
+        return f"access denied{f' (HTTP {status})' if status else ''}; check credentials"
+    if isinstance(exc, RetriesExhaustedError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ShardReadError(RuntimeError):
+    """A shard could not be read; names the shard URL (redacted), the sample being read and the
+    last one read whole.
+
+    Only redacted text is kept (the attributes too), so pickling or printing it, with or
+    without a traceback, shows no credentials.
+    """
+
+    def __init__(self, url: str, last_key: str | None, reason: str, current_key: str | None = None):
+        self.url, self.last_key, self.reason = redact_url(url), last_key, one_line(reason)
+        self.current_key = current_key if current_key != last_key else None
+        super().__init__(f"shard {self.url}: {self.reason} ({self._where()})")
+
+    def _where(self) -> str:
+        after = f"after sample {self.last_key!r}" if self.last_key else ""
+        if self.current_key:
+            return f"at sample {self.current_key!r}, " + (after or "the shard's first")
+        return after or "before its first sample"
+
+    def __reduce__(self):  # rebuilt from its parts when crossing from a DataLoader worker
+        return type(self), (self.url, self.last_key, self.reason, self.current_key)
 
 
 class ShardChecksumError(ShardReadError):
@@ -141,7 +175,7 @@ class ResumableStream:
         if self.reopens >= self.policy.retries:
             raise RetriesExhaustedError(
                 f"gave up at byte {self.position} after {self.reopens} retries: {reason}"
-            ) from exc
+            ) from None  # the transport's error may hold the URL with its credentials
         self.reopens += 1
         delay = self.policy.backoff * 2 ** (self.reopens - 1)
         log.warning(
@@ -243,9 +277,11 @@ def open_shard(url: str, policy: ReadPolicy | None = None, size: int | None = No
     return ResumableStream(url, policy or ReadPolicy(), size, opener)
 
 
-def _member_stream(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+def _member_stream(stream: IO[bytes], url: str, seen: list[str]) -> Iterator[dict[str, Any]]:
+    """The tar's members; ``seen[0]`` is the key of the last one read (the sample underway)."""
     for member in tar_file_iterator(stream):
         member["__url__"] = url
+        seen[0] = base_plus_ext(member["fname"])[0] or ""
         yield member
 
 
@@ -261,28 +297,35 @@ def iter_shard(
     count = 0
     try:
         raw = open_shard(ref.url, policy, ref.bytes)
-    except OSError as exc:
-        raise ShardReadError(ref.url, None, f"cannot open: {exc}") from exc
+    except Exception as exc:  # a refusal (403), a missing object, a transport library's error
+        raise ShardReadError(ref.url, None, f"cannot open: {failure(exc)}") from None
     hashing = HashingStream(raw, ref.url)
     stream = buffered(hashing)
+    seen = [""]  # key of the last member read
     completed = False
+
+    def error(reason: str) -> ShardReadError:
+        return ShardReadError(ref.url, last_key, reason, seen[0] or None)
+
     try:
-        for sample in group_by_keys(_member_stream(stream, ref.url)):
+        for sample in group_by_keys(_member_stream(stream, ref.url, seen)):
             last_key = sample["__key__"]
             count += 1
             yield sample
         drain(stream)
         completed = True
     except RetriesExhaustedError as exc:
-        raise ShardReadError(ref.url, last_key, f"transfer failed: {exc}") from exc
+        raise error(f"transfer failed: {exc}") from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise ShardReadError(ref.url, last_key, f"unreadable or truncated tar: {exc}") from exc
+        raise error(f"unreadable or truncated tar: {exc}") from None
+    except Exception as exc:  # a refusal mid-stream, a transport library's own error
+        raise error(f"read failed: {failure(exc)}") from None
     finally:
         try:
             stream.close()
         except Exception as exc:  # a pipe (curl, pipe:) reports a failed transfer at close
             if completed:
-                raise ShardReadError(ref.url, last_key, f"stream failed: {exc}") from exc
+                raise ShardReadError(ref.url, last_key, f"stream failed: {exc}") from None
             log.debug("closing %s early: %s", redact_url(ref.url), exc)
     if not verify:
         return

@@ -24,6 +24,7 @@ from PIL import Image, ImageEnhance
 from cil_dist import labels
 from cil_dist.config import AugmentConfig
 from cil_dist.labels import IGNORE
+from cil_dist.storage import redact_url
 
 try:  # optional accelerator (extra "fast"): libspng PNG decoding
     import pyspng
@@ -39,7 +40,7 @@ class SampleError(ValueError):
 
 
 def _where(sample: dict[str, Any]) -> str:
-    return f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')!r}"
+    return f"shard {redact_url(sample.get('__url__', '?'))}, sample {sample.get('__key__', '?')!r}"
 
 
 def _fast_png(data: bytes, channels: int) -> np.ndarray | None:
