@@ -3,7 +3,7 @@
 cil-launch submit CHAIN.yaml --out RUN_DIR [--executor slurm|local|debug] [--set k=v ...]
                   [--wait] [--max-parallel N]
 cil-launch status RUN_DIR [--json]
-cil-launch cancel RUN_DIR
+cil-launch cancel RUN_DIR [--grace S]
 cil-launch report RUN_DIR
 """
 
@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("run_dir")
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="print chain.json")
+        if name == "cancel":
+            cmd.add_argument(
+                "--grace",
+                type=float,
+                default=10.0,
+                metavar="S",
+                help="local: seconds between SIGINT, SIGTERM and SIGKILL (default 10)",
+            )
     return parser
 
 
@@ -64,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     from launch import state as st
     from launch.chain import load_chain
     from launch.report import write_report
-    from launch.submit import cancel_chain, refresh, submit_chain, wait_for_chain
+    from launch.submit import (
+        CancelIncomplete,
+        cancel_chain,
+        refresh,
+        submit_chain,
+        wait_for_chain,
+    )
     from launch.validate import ChainError
 
     args = build_parser().parse_args(argv)
@@ -89,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             print(text or format_status(chain_state))
             return 1 if any(r.state == st.FAILED for r in chain_state.jobs.values()) else 0
         if args.command == "cancel":
-            print(format_status(cancel_chain(run_dir)))
+            print(format_status(cancel_chain(run_dir, args.grace)))
         else:
             print(write_report(load_chain(run_dir / "chain.yaml"), run_dir))
+    except CancelIncomplete as exc:
+        log.error("%s", exc)
+        return 1
     except KeyboardInterrupt:
         log.error("interrupted: running jobs cancelled (see cil-launch status)")
         return 130

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import submitit
 
-from launch import state
+from launch import procs, state
 from launch.chain import JobSpec
 
 log = logging.getLogger(__name__)
 
 
-def export_distributed_env() -> tuple[int, int, str]:
+def export_distributed_env() -> tuple[int, int, str, str]:
     """Export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from submitit's job.
 
-    Returns (rank, world size, job id).
+    Returns (rank, world size, job id, this rank's log file).
     """
     logging.getLogger("submitit").propagate = False  # it has its own handler
     job = submitit.JobEnvironment()
@@ -36,7 +36,14 @@ def export_distributed_env() -> tuple[int, int, str]:
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True
         )
-    return job.global_rank, job.num_tasks, str(job.job_id)
+    return job.global_rank, job.num_tasks, str(job.job_id), rank_log(job)
+
+
+def rank_log(job: submitit.JobEnvironment) -> str:
+    """This rank's log file ('' under the debug executor, which logs to the caller)."""
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return ""
+    return str(job.paths.stdout)
 
 
 class ChainJob(submitit.helpers.Checkpointable):
@@ -51,7 +58,18 @@ class ChainJob(submitit.helpers.Checkpointable):
         self._preempted = False  # the requeued copy of this object was pickled with True
         # each rank's intra-op threads on CPU: the job's cpus_per_task, on every executor
         os.environ["OMP_NUM_THREADS"] = str(self.spec.resources.cpus_per_task)
-        rank, world_size, job_id = export_distributed_env()
+        rank, world_size, job_id, rank_log = export_distributed_env()
+        pid = os.getpid()
+        state.rank_started(
+            self.run_dir,
+            self.spec.name,
+            rank,
+            world_size,
+            job_id=job_id,
+            pid=pid,
+            started=procs.start_time(pid),
+            log=rank_log,
+        )
         if rank == 0:
             attempt = state.job_started(self.run_dir, self.spec.name, job_id, world_size)
             log.info("%s %s: attempt %d (job %s)", self.spec.kind, self.spec.name, attempt, job_id)
@@ -61,6 +79,8 @@ class ChainJob(submitit.helpers.Checkpointable):
             # submitit ends a preempted task by raising SystemExit wherever it is; code in
             # between (a file writer's cleanup) may turn that into another error. The job is
             # requeued all the same: record it as pending, not failed.
+            if not self._preempted:  # every rank its own error: the cause may be on any
+                state.rank_failed(self.run_dir, self.spec.name, rank, exc)
             if rank == 0 and not self._preempted:
                 state.job_failed(self.run_dir, self.spec.name, exc)
             raise

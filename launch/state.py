@@ -5,6 +5,9 @@ Two sources of truth, merged by :func:`refresh`:
 * the **status file** ``RUN_DIR/status/NAME.json``, written by rank 0 of the job itself
   (``RUNNING`` with the attempt number, then ``COMPLETED`` with its result or ``FAILED`` with
   the error) — the only record a local job leaves once its process is gone;
+* the **rank records** ``RUN_DIR/status/NAME.ranks/RANK.json``, one per rank (its pid, start
+  time, log and, if it failed, its own error): :func:`root_cause` names the rank whose error
+  started a failure, not the ranks that only lost their peer;
 * the **scheduler** (SLURM through submitit/sacct): ``PENDING``, ``REQUEUED``, ``CANCELLED``,
   ``TIMEOUT``, ``NODE_FAIL`` … — the only record of a job that never started.
 
@@ -16,7 +19,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
+import shutil
 import socket
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +79,7 @@ class JobRecord:
     error: str = ""
     attempts: int = 0
     submissions: list[str] = field(default_factory=list)  # every job id it was submitted as
+    started: str = ""  # local: when its controller process (pid = job id) started
 
 
 @dataclass
@@ -84,6 +91,7 @@ class ChainState:
     updated: str
     jobs: dict[str, JobRecord]
     driver_pid: int = 0  # local/debug: the process driving the chain (cancel interrupts it)
+    driver_started: str = ""  # when that process started (a reused pid is not the driver)
 
     @classmethod
     def load(cls, run_dir: Path) -> ChainState:
@@ -173,3 +181,85 @@ def job_failed(run_dir: Path | str, name: str, exc: BaseException) -> None:
         traceback="".join(traceback.format_exception(exc))[-4000:],
         finished=now(),
     )
+
+
+def cancel_marker(run_dir: Path | str) -> Path:
+    """Written by ``cil-launch cancel``: the local driver stops at its next poll."""
+    return Path(run_dir) / "cancel.requested"
+
+
+# ---- rank records, written by every rank of a job -----------------------------------------
+
+# Errors a rank gets because another rank went away first (gloo/NCCL lose their peer).
+CONSEQUENCE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|DistBackendError|"
+    r"gloo|NCCL|ProcessGroup|Socket Timeout|failed to recv|Connection refused",
+    re.IGNORECASE,
+)
+
+
+def ranks_dir(run_dir: Path | str, name: str) -> Path:
+    return Path(run_dir) / "status" / f"{name}.ranks"
+
+
+def clear_ranks(run_dir: Path | str, name: str) -> None:
+    """Forget the rank records of a previous submission of the job."""
+    shutil.rmtree(ranks_dir(run_dir, name), ignore_errors=True)
+
+
+def write_rank(
+    run_dir: Path | str, name: str, rank: int, fresh: bool = False, **fields: Any
+) -> None:
+    """Update (``fresh``: replace) rank ``rank``'s record, atomically."""
+    path = ranks_dir(run_dir, name) / f"{rank}.json"
+    record = {} if fresh else read_json(path)
+    record.update(fields, rank=rank)
+    with storage.open_for_write(str(path), "w") as stream:
+        json.dump(record, stream, indent=1)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def rank_records(run_dir: Path | str, name: str) -> list[dict[str, Any]]:
+    """Every rank's record of the job's current submission, by rank."""
+    folder = ranks_dir(run_dir, name)
+    records = [read_json(path) for path in sorted(folder.glob("*.json"))]
+    return sorted((r for r in records if "rank" in r), key=lambda r: r["rank"])
+
+
+def rank_started(run_dir: Path | str, name: str, rank: int, world_size: int, **fields) -> None:
+    """A rank (re)starts: its pid, start time and log, no error."""
+    host = socket.gethostname()
+    write_rank(run_dir, name, rank, fresh=True, world_size=world_size, host=host, **fields)
+
+
+def rank_failed(run_dir: Path | str, name: str, rank: int, exc: BaseException) -> None:
+    write_rank(
+        run_dir,
+        name,
+        rank,
+        error=f"{type(exc).__name__}: {exc}",
+        failed_at=time.time(),
+        traceback="".join(traceback.format_exception(exc))[-4000:],
+    )
+
+
+def is_consequence(record: dict[str, Any]) -> bool:
+    """Whether a rank's error is a lost peer (gloo/NCCL) rather than a failure of its own."""
+    return bool(CONSEQUENCE.search(record.get("error", "") + record.get("traceback", "")))
+
+
+def root_cause(run_dir: Path | str, name: str) -> dict[str, Any] | None:
+    """The rank record whose error started the job's failure: the earliest error that is not
+    a lost peer, or the earliest error when every rank only lost its peer (None: no error)."""
+    failed = sorted(
+        (r for r in rank_records(run_dir, name) if r.get("error")),
+        key=lambda r: r.get("failed_at", 0.0),
+    )
+    causes = [r for r in failed if not is_consequence(r)]
+    return (causes or failed or [None])[0]

@@ -9,7 +9,13 @@
 
 Re-submitting into an existing RUN_DIR resumes the chain: jobs whose output is complete and
 verifies are skipped, jobs still queued or running on SLURM are kept, the rest are submitted
-again (a stage resumes from its latest checkpoint).
+again (a stage resumes from its latest checkpoint). Locally, a job left running by a driver
+that died (kill -9, out of memory) is adopted — waited for, then the chain goes on — and one
+whose processes are gone runs again; a chain whose driver still runs is refused.
+
+``cancel_chain`` stops a local chain for sure: the driver and every process of its jobs
+(controllers, ranks and their children, identified by pid and start time) get SIGINT, then
+SIGTERM, then SIGKILL, until none is left; only then are the jobs recorded as cancelled.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
 
 from cil_dist import checkpoint as ckpt
+from launch import procs
 from launch import state as st
 from launch.chain import ChainConfig, JobSpec, chain_to_yaml
 from launch.executors import log_path, make_executor
@@ -33,6 +42,11 @@ from launch.validate import validate_chain
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0
+CANCEL_GRACE_S = 10.0  # cancel: seconds between SIGINT, SIGTERM and SIGKILL
+
+
+class CancelIncomplete(RuntimeError):
+    """Some process of the chain survived ``cil-launch cancel``."""
 
 
 def topological(jobs: dict[str, JobSpec]) -> list[str]:
@@ -127,6 +141,8 @@ def submit_chain(
     """Validate, then submit (SLURM) or run (local/debug) every unfinished job of the chain."""
     run_dir = run_dir.resolve()
     jobs = validate_chain(chain, run_dir, executor, source)
+    refuse_live_driver(run_dir)
+    st.cancel_marker(run_dir).unlink(missing_ok=True)
     chain_state = prepare_state(chain, run_dir, executor, jobs)
     if executor == "slurm":
         submit_slurm(chain_state, jobs, run_dir)
@@ -135,11 +151,25 @@ def submit_chain(
     return chain_state
 
 
+def refuse_live_driver(run_dir: Path) -> None:
+    """A local chain is driven by one process at a time."""
+    if not (run_dir / st.CHAIN_FILE).is_file():
+        return
+    old = st.ChainState.load(run_dir)
+    if old.driver_pid and procs.alive(old.driver_pid, old.driver_started):
+        raise ValueError(
+            f"{run_dir}: this chain is still running (driver pid {old.driver_pid}); wait for it "
+            "or stop it with cil-launch cancel"
+        )
+
+
 def submit_one(chain_state: st.ChainState, job: JobSpec, run_dir: Path, kind: str, after=None):
     record = chain_state.jobs[job.name]
+    st.clear_ranks(run_dir, job.name)
     executor = make_executor(kind, job.resources, run_dir, f"{chain_state.name}.{job.name}", after)
     submitted = executor.submit(job_for(job, run_dir))
     record.job_id, record.state, record.error = str(submitted.job_id), st.PENDING, ""
+    record.started = procs.start_time(int(submitted.job_id)) if kind == "local" else ""
     record.log = log_path(submitted)
     record.submissions.append(record.job_id)
     log.info("submitted %s %s as job %s", job.kind, job.name, record.job_id)
@@ -161,6 +191,31 @@ def submit_slurm(chain_state: st.ChainState, jobs: dict[str, JobSpec], run_dir: 
         chain_state.save()
 
 
+@dataclass
+class Running:
+    """A job the local driver waits for: one it started, or one it adopted."""
+
+    done: Callable[[], bool]
+    cancel: Callable[[], None]
+
+
+def started_job(job: submitit.Job, kind: str) -> Running:
+    done = job.done if kind == "local" else (lambda: True)
+    return Running(done, lambda: job.cancel(check=False))
+
+
+def adopted_job(chain_state: st.ChainState, name: str) -> Running:
+    """A job a previous driver started whose processes still run: wait for them to end."""
+    record = chain_state.jobs[name]
+    log.warning("%s (job %s) runs from a previous driver: waiting for it", name, record.job_id)
+
+    def cancel() -> None:
+        if procs.alive(int(record.job_id), record.started):
+            os.kill(int(record.job_id), signal.SIGINT)  # the controller stops its tasks
+
+    return Running(lambda: not job_alive(chain_state, record), cancel)
+
+
 def run_locally(
     chain_state: st.ChainState,
     jobs: dict[str, JobSpec],
@@ -169,16 +224,23 @@ def run_locally(
     max_parallel: int,
 ) -> None:
     """Run the chain on this machine, each job once its dependencies completed."""
-    running: dict[str, submitit.Job] = {}
+    running = {
+        name: adopted_job(chain_state, name)
+        for name, record in chain_state.jobs.items()
+        if record.state in (st.PENDING, st.RUNNING)  # refresh found its processes alive
+    }
     done_ok = (st.COMPLETED, st.SKIPPED)
     chain_state.driver_pid = os.getpid()
+    chain_state.driver_started = procs.start_time(chain_state.driver_pid)
     try:
         while True:
+            if st.cancel_marker(run_dir).exists():  # cil-launch cancel, even if SIGINT is ignored
+                raise KeyboardInterrupt
             for name, job in list(running.items()):
-                if kind == "local" and not job.done():
+                if not job.done():
                     continue
                 del running[name]
-                finish_local(chain_state, name, job)
+                finish_local(chain_state, name)
             ready = [
                 name
                 for name in topological(jobs)
@@ -186,17 +248,18 @@ def run_locally(
                 and all(chain_state.jobs[dep].state in done_ok for dep in jobs[name].depends_on)
             ]
             for name in ready[: max(0, max_parallel - len(running))]:
-                running[name] = submit_one(chain_state, jobs[name], run_dir, kind)
+                submitted = submit_one(chain_state, jobs[name], run_dir, kind)
+                running[name] = started_job(submitted, kind)
                 chain_state.jobs[name].state = st.RUNNING
                 if kind == "debug":
-                    with_result(running[name])
+                    with_result(submitted)
             chain_state.save()
             if not running:
                 break
             time.sleep(POLL_S)
     except KeyboardInterrupt:
         for name, job in running.items():
-            job.cancel(check=False)
+            job.cancel()
             chain_state.jobs[name].state = st.CANCELLED
             chain_state.jobs[name].error = "cancelled (interrupted)"
         for record in chain_state.jobs.values():
@@ -220,7 +283,7 @@ def with_result(job: submitit.Job) -> None:
         log.debug("debug job failed: %s", exc)
 
 
-def finish_local(chain_state: st.ChainState, name: str, job: submitit.Job) -> None:
+def finish_local(chain_state: st.ChainState, name: str) -> None:
     """Record a local job's outcome from its status file; cancel dependents on failure."""
     record = chain_state.jobs[name]
     status = st.read_status(chain_state.run_dir, name)
@@ -230,12 +293,24 @@ def finish_local(chain_state: st.ChainState, name: str, job: submitit.Job) -> No
         log.info("%s completed", name)
         return
     record.state = st.FAILED
-    record.error = status.get("error") or "the job ended without reporting (see its log)"
+    record_failure(chain_state, record, status, "the job ended without reporting (see its log)")
     log.error("%s failed: %s (log: %s)", name, record.error, record.log)
     for dependent in chain_state.dependents(name):
         dep = chain_state.jobs[dependent]
         if dep.state == st.WAITING:
             dep.state, dep.error = st.CANCELLED, f"{name} failed"
+
+
+def record_failure(chain_state: st.ChainState, record: st.JobRecord, status: dict, why: str):
+    """The failed job's error and log: its root-cause rank's (see :func:`state.root_cause`),
+    else rank 0's status, else ``why``."""
+    cause = st.root_cause(chain_state.run_dir, record.name)
+    if cause is None:
+        record.error = status.get("error") or why
+        return
+    several = int(cause.get("world_size", 1)) > 1
+    record.error = f"rank {cause['rank']}: {cause['error']}" if several else cause["error"]
+    record.log = cause.get("log") or record.log
 
 
 # ---- status and cancel ---------------------------------------------------------------------
@@ -268,6 +343,24 @@ def pid_alive(pid: str) -> bool:
     return True
 
 
+def job_processes(chain_state: st.ChainState, record: st.JobRecord) -> list[tuple[int, str, str]]:
+    """(pid, start time, label) of a local job's controller and of each of its ranks."""
+    found = []
+    if record.job_id.isdigit():
+        found.append((int(record.job_id), record.started, f"{record.name} (job {record.job_id})"))
+    for rank in st.rank_records(chain_state.run_dir, record.name):
+        if str(rank.get("job_id", "")) == record.job_id and rank.get("pid"):
+            label = f"{record.name} rank {rank['rank']}"
+            found.append((int(rank["pid"]), rank.get("started", ""), label))
+    return found
+
+
+def job_alive(chain_state: st.ChainState, record: st.JobRecord) -> bool:
+    """Whether a process of the local job (its controller or a rank) still runs."""
+    table = procs.snapshot()
+    return any(procs.alive(p, t, table) for p, t, _ in job_processes(chain_state, record))
+
+
 def refresh(chain_state: st.ChainState) -> st.ChainState:
     """Merge what the jobs reported with what the scheduler says; save and return it."""
     slurm = (
@@ -293,12 +386,12 @@ def refresh(chain_state: st.ChainState) -> st.ChainState:
                 merged = st.FAILED
             record.state = merged
             if merged == st.FAILED:
-                record.error = status.get("error") or f"SLURM state {raw} (see its log)"
+                record_failure(chain_state, record, status, f"SLURM state {raw} (see its log)")
             elif merged == st.CANCELLED and not record.error:
                 record.error = f"SLURM state {raw}"
-        elif record.state in (st.RUNNING, st.PENDING) and not pid_alive(record.job_id):
-            record.state = st.FAILED if status.get("state") != st.COMPLETED else st.COMPLETED
-            record.error = status.get("error") or "its process is gone without reporting"
+        elif record.state in (st.RUNNING, st.PENDING) and not job_alive(chain_state, record):
+            record.state = st.FAILED
+            record_failure(chain_state, record, status, "its process is gone without reporting")
     cancel_orphans(chain_state)
     chain_state.save()
     return chain_state
@@ -317,23 +410,58 @@ def cancel_orphans(chain_state: st.ChainState) -> None:
                 dep.state, dep.error = st.CANCELLED, f"{record.name} did not complete"
 
 
-def cancel_chain(run_dir: Path) -> st.ChainState:
-    """Cancel every queued or running job of the chain."""
+def cancel_chain(run_dir: Path, grace_s: float = CANCEL_GRACE_S) -> st.ChainState:
+    """Cancel every queued or running job of the chain (locally: stop all its processes)."""
     chain_state = st.ChainState.load(run_dir)
-    driver = str(chain_state.driver_pid)
-    if chain_state.executor != "slurm" and chain_state.driver_pid and pid_alive(driver):
-        os.kill(chain_state.driver_pid, signal.SIGINT)  # it cancels its jobs and records it
-        deadline = time.monotonic() + 30
-        while pid_alive(driver) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    chain_state = refresh(st.ChainState.load(run_dir))
+    if chain_state.executor == "slurm":
+        return cancel_slurm(refresh(chain_state))
+    st.cancel_marker(run_dir).write_text(st.now() + "\n")  # the driver stops at its next poll
+    survivors = stop_local(chain_state, grace_s)
+    chain_state = st.ChainState.load(run_dir)  # what the driver recorded before it ended
+    survivors |= stop_local(chain_state, grace_s)  # a job it started while interrupted
+    holding = {label.split()[0] for label in survivors.values()}
+    for record in chain_state.jobs.values():
+        if record.state in st.FINAL_STATES - {st.CANCELLED} or record.name in holding:
+            continue
+        if st.read_status(run_dir, record.name).get("state") == st.COMPLETED:
+            record.state, record.error = st.COMPLETED, ""
+        elif record.state != st.CANCELLED:
+            record.state, record.error = st.CANCELLED, "cancelled by cil-launch cancel"
+    chain_state.driver_pid = 0 if "driver" not in holding else chain_state.driver_pid
+    chain_state.save()
+    if survivors:
+        named = ", ".join(f"pid {pid} ({label})" for pid, label in survivors.items())
+        raise CancelIncomplete(f"{run_dir}: still running after SIGKILL: {named}")
+    return chain_state
+
+
+def stop_local(chain_state: st.ChainState, grace_s: float) -> dict[int, str]:
+    """Stop the driver and every process of the chain's jobs; returns survivors' labels."""
+    table = procs.snapshot()
+    targets = procs.Targets()
+    targets.add(chain_state.driver_pid, chain_state.driver_started, "driver", table)
+    controllers = []
+    for record in chain_state.jobs.values():
+        for pid, started, label in job_processes(chain_state, record):
+            targets.add(pid, started, label, table)
+            if label.endswith(f"(job {record.job_id})") and pid in targets.known:
+                controllers.append(pid)
+    driver = [pid for pid in targets.known if targets.label(pid) == "driver"]
+    targets.live(table)  # their children (data loader workers, ...) too
+    if not targets.known:
+        return {}
+    # the driver interrupts its jobs itself; without one, each controller stops its tasks
+    survivors = procs.stop(targets, driver or controllers, grace_s)
+    return {pid: targets.label(pid) for pid in survivors}
+
+
+def cancel_slurm(chain_state: st.ChainState) -> st.ChainState:
+    """scancel every queued or running job of a SLURM chain."""
     for record in chain_state.jobs.values():
         if record.state not in (st.PENDING, st.RUNNING, st.WAITING):
             continue
-        if record.job_id and chain_state.executor == "slurm":
+        if record.job_id:
             subprocess.run(["scancel", record.job_id], capture_output=True, check=False)
-        elif record.job_id and pid_alive(record.job_id):
-            os.kill(int(record.job_id), signal.SIGINT)  # the local controller stops its tasks
         record.state, record.error = st.CANCELLED, "cancelled by cil-launch cancel"
     chain_state.save()
     return chain_state

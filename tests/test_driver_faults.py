@@ -1,0 +1,187 @@
+"""A local chain's driver under faults: it ignores SIGINT, it dies hard, a rank other than 0 fails.
+
+Real 2-rank local-executor chains over the tiny test shards; processes are checked by pid (and
+start time, so a reused pid is not mistaken for a survivor).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cil_dist.data.pipeline import ShardSource
+from cil_dist.data.shardlist import assign, epoch_order
+from launch import procs
+from launch import state as st
+from launch.cli import main as launch_main
+from tests.chains import corrupt_copy, write_chain
+
+STAGES = {
+    "s1": {"method": "cil", "stage": 1},
+    "s2": {"method": "cil", "stage": 2, "teacher": "s1"},
+}
+
+
+def start_driver(path: Path, run: Path, ignore_sigint: bool = False) -> subprocess.Popen:
+    """``cil-launch submit --executor local`` in its own process (as ``cmd &`` in a script)."""
+    command = [sys.executable, "-m", "launch.cli", "submit", str(path), "--out", str(run)]
+    if ignore_sigint:  # background jobs of a non-interactive shell: SIGINT ignored
+        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
+    log = (run.parent / "driver.log").open("w")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_ranks(run: Path, name: str, driver: subprocess.Popen, ranks: int = 2) -> int:
+    """The pid of ``name``'s controller once its ranks run (and rank 0 reported RUNNING)."""
+    deadline = time.monotonic() + 120
+    while True:
+        if st.read_status(run, name).get("state") == st.RUNNING:
+            controller = int(st.ChainState.load(run).jobs[name].job_id or 0)
+            if len(procs.descendants({controller}, procs.snapshot())) >= ranks:
+                return controller
+        assert time.monotonic() < deadline and driver.poll() is None, f"{name} never started"
+        time.sleep(0.2)
+
+
+def chain_processes(driver: subprocess.Popen) -> dict[int, str]:
+    """pid -> start time of the driver and every process below it (controllers, ranks)."""
+    table = procs.snapshot()
+    pids = {driver.pid} | procs.descendants({driver.pid}, table)
+    return {pid: table[pid].started for pid in pids if pid in table}
+
+
+def survivors(found: dict[int, str]) -> list[int]:
+    table = procs.snapshot()
+    return [pid for pid, started in found.items() if procs.alive(pid, started, table)]
+
+
+@pytest.fixture
+def reaper():
+    """Processes a test started; whatever survives the test is killed."""
+    started: dict[int, str] = {}
+    yield started
+    for pid in survivors(started):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_driver_that_ignores_sigint_and_every_job_process(
+    tmp_path, manifest_path, reaper
+):
+    path = write_chain(tmp_path, manifest_path, STAGES, epochs=500)
+    run = tmp_path / "run"
+    driver = start_driver(path, run, ignore_sigint=True)
+    wait_for_ranks(run, "s1", driver)
+    found = chain_processes(driver)
+    reaper.update(found)
+    assert len(found) >= 4  # driver, controller, 2 ranks
+
+    started = time.monotonic()
+    assert launch_main(["cancel", str(run), "--grace", "2"]) == 0
+    assert driver.poll() is not None, "the driver survived the cancel"
+    assert survivors(found) == [], "a process of the chain survived the cancel"
+    assert time.monotonic() - started < 20
+    time.sleep(2 * 1.0)  # a driver that still ran would record its states within a poll
+    states = {n: r.state for n, r in st.ChainState.load(run).jobs.items()}
+    assert states == {"s1": "CANCELLED", "s2": "CANCELLED"}
+
+
+@pytest.mark.slow
+def test_resubmit_after_the_driver_was_killed_adopts_the_running_job(
+    tmp_path, manifest_path, reaper, capsys
+):
+    path = write_chain(tmp_path, manifest_path, STAGES, epochs=2)
+    run = tmp_path / "run"
+    driver = start_driver(path, run)
+    wait_for_ranks(run, "s1", driver)
+    reaper.update(chain_processes(driver))
+    assert launch_main(["submit", str(path), "--out", str(run)]) == 2  # one driver at a time
+    driver.send_signal(signal.SIGKILL)  # the job's controller and ranks keep running
+    driver.wait()
+
+    assert launch_main(["submit", str(path), "--out", str(run)]) == 0
+    chain = st.ChainState.load(run)
+    assert {n: r.state for n, r in chain.jobs.items()} == {"s1": "COMPLETED", "s2": "COMPLETED"}
+    assert st.read_status(run, "s1")["attempts"] == 1  # waited for, not started again
+    assert chain.jobs["s1"].submissions == [chain.jobs["s1"].job_id]
+    assert "| " in capsys.readouterr().out  # the chain is final: the report is printed
+
+
+@pytest.mark.slow
+def test_resubmit_waits_for_orphaned_ranks_instead_of_running_the_job_twice(
+    tmp_path, manifest_path, reaper
+):
+    path = write_chain(tmp_path, manifest_path, {"s1": STAGES["s1"]}, epochs=2)
+    run = tmp_path / "run"
+    driver = start_driver(path, run)
+    controller = wait_for_ranks(run, "s1", driver)
+    reaper.update(chain_processes(driver))
+    for pid in (driver.pid, controller):  # out of memory took both; the ranks run on
+        os.kill(pid, signal.SIGKILL)
+    driver.wait()
+
+    assert launch_main(["submit", str(path), "--out", str(run)]) == 0
+    assert st.ChainState.load(run).jobs["s1"].state == "COMPLETED"
+    assert st.read_status(run, "s1")["attempts"] == 1  # never two copies of the stage at once
+
+
+@pytest.mark.slow
+def test_resubmit_after_the_driver_and_its_job_died_reruns_the_job(tmp_path, manifest_path, reaper):
+    path = write_chain(tmp_path, manifest_path, {"s1": STAGES["s1"]}, epochs=3)
+    run = tmp_path / "run"
+    driver = start_driver(path, run)
+    wait_for_ranks(run, "s1", driver)
+    checkpoints = run / "stages" / "s1" / "checkpoints"
+    while not list(checkpoints.glob("*.pt")):  # an epoch is done and saved
+        assert driver.poll() is None
+        time.sleep(0.05)
+    found = chain_processes(driver)
+    reaper.update(found)
+    for pid in found:
+        os.kill(pid, signal.SIGKILL)
+    driver.wait()
+    while survivors(found):
+        time.sleep(0.1)
+
+    assert launch_main(["submit", str(path), "--out", str(run)]) == 0
+    record = st.ChainState.load(run).jobs["s1"]
+    assert record.state == "COMPLETED"
+    assert st.read_status(run, "s1")["attempts"] == 2
+    assert "resumed from" in Path(record.log).read_text()  # not from scratch
+
+
+@pytest.mark.slow
+def test_status_names_the_rank_that_failed_first_and_its_log(
+    tmp_path, shard_dir, manifest_path, capsys
+):
+    # the task-1 shards rank 1 (of 2, no loader workers) reads first in epoch 0: only rank 1
+    # meets the corrupt one, rank 0 only loses its peer
+    refs = list(ShardSource.from_manifest(manifest_path, "task1").refs)
+    mine = assign(epoch_order(refs, 0, 0), 2, 1)[0].ref.url
+    others = [piece.ref.url for piece in assign(epoch_order(refs, 0, 0), 2, 0)]
+    assert mine not in others
+    relative = str(Path(mine).relative_to(shard_dir))
+    broken = corrupt_copy(shard_dir, manifest_path, tmp_path / "shards", relative)
+    path = write_chain(tmp_path, broken, {"s1": STAGES["s1"]})
+    run = tmp_path / "run"
+
+    assert launch_main(["submit", str(path), "--out", str(run)]) == 1
+    record = st.ChainState.load(run).jobs["s1"]
+    assert record.state == "FAILED"
+    assert record.error.startswith("rank 1: ShardChecksumError: ")
+    assert Path(relative).name in record.error
+    assert record.log.endswith("_1_log.out") and Path(record.log).is_file()
+    assert "ShardChecksumError" in Path(record.log).read_text()
+    rank0 = Path(record.log.replace("_1_log.out", "_0_log.out")).read_text()
+    assert "ShardChecksumError" not in rank0  # rank 0 only lost its peer
+    capsys.readouterr()
+    assert launch_main(["status", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "error: rank 1: ShardChecksumError" in out
+    assert f"log: {record.log}" in out
