@@ -71,14 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     from cil_dist.logs import setup_logging
     from launch import state as st
     from launch.chain import load_chain
+    from launch.monitor import CancelIncomplete, cancel_chain, refresh, wait_for_chain
     from launch.report import write_report
-    from launch.submit import (
-        CancelIncomplete,
-        cancel_chain,
-        refresh,
-        submit_chain,
-        wait_for_chain,
-    )
+    from launch.submit import submit_chain
     from launch.validate import ChainError
 
     args = build_parser().parse_args(argv)

@@ -4,7 +4,7 @@
   ``--gpus-per-node``, ``--signal=USR2@signal_delay_s`` (submitit), ``afterok`` dependencies
   and ``--kill-on-invalid-dep=yes`` so a failed stage takes its dependents with it.
 * ``local``: submitit's local executor starts ``tasks_per_node`` processes on this machine
-  (gloo on CPU); the chain driver in :mod:`launch.submit` respects the dependencies.
+  (gloo on CPU); the chain driver in :mod:`launch.local_driver` respects the dependencies.
 * ``debug``: submitit's debug executor runs the job in the calling process (world size 1),
   for stepping through a stage with a debugger.
 """

@@ -15,7 +15,8 @@ import torch
 from launch import state as st
 from launch.chain import expand, load_chain
 from launch.cli import main as launch_main
-from launch.submit import pid_alive, submit_chain
+from launch.monitor import pid_alive
+from launch.submit import submit_chain
 from launch.validate import ChainError, validate_chain
 from tests.chains import corrupt_copy, final_weights, write_chain
 from tests.test_erfnet import write_romera_encoder

@@ -1,0 +1,97 @@
+"""What a (re)submitted chain has to run: the jobs in dependency order, which finished jobs verify
+(and are skipped), and the chain state in ``RUN_DIR/chain.json`` carried over from an earlier
+submission."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cil_dist import checkpoint as ckpt
+from launch import state as st
+from launch.chain import ChainConfig, JobSpec, chain_to_yaml
+from launch.monitor import refresh
+
+log = logging.getLogger(__name__)
+
+
+def topological(jobs: dict[str, JobSpec]) -> list[str]:
+    """Job names with every job after the jobs it depends on (config order otherwise)."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in order:
+            for dep in jobs[name].depends_on:
+                visit(dep)
+            order.append(name)
+
+    for name in jobs:
+        visit(name)
+    return order
+
+
+def output_verifies(job: JobSpec) -> str:
+    """Why ``job``'s output is not complete yet ('' when it is)."""
+    if job.kind == "eval":
+        metrics = Path(job.out_dir) / "metrics.json"
+        return "" if metrics.is_file() else f"{metrics} missing"
+    try:
+        payload = ckpt.load_checkpoint(job.checkpoint)
+    except ckpt.CheckpointError as exc:
+        return str(exc)
+    mine = (job.train.stage.method, job.train.optim.epochs)
+    theirs = (payload.get("method"), payload.get("state", {}).get("epoch"))
+    return "" if mine == theirs else f"{job.checkpoint}: (method, epochs) {theirs} != {mine}"
+
+
+def new_state(chain: ChainConfig, run_dir: Path, executor: str, jobs: dict[str, JobSpec]):
+    records = {
+        name: st.JobRecord(name, job.kind, list(job.depends_on), job.checkpoint, job.out_dir)
+        for name, job in jobs.items()
+    }
+    stamp = st.now()
+    return st.ChainState(chain.name, executor, str(run_dir), stamp, stamp, records)
+
+
+def prepare_state(chain: ChainConfig, run_dir: Path, executor: str, jobs: dict[str, JobSpec]):
+    """A fresh chain state, or the existing one with finished jobs marked as skipped."""
+    if (run_dir / st.CHAIN_FILE).is_file():
+        old = st.ChainState.load(run_dir)
+        if set(old.jobs) != set(jobs):
+            raise ValueError(
+                f"{run_dir / st.CHAIN_FILE}: holds jobs {sorted(old.jobs)}, the chain has "
+                f"{sorted(jobs)}; use a new --out folder for a different chain"
+            )
+        if old.executor != executor:
+            raise ValueError(
+                f"{run_dir}: submitted with --executor {old.executor}; resume it with the same"
+            )
+        refresh(old)
+        chain_state = old
+    else:
+        chain_state = new_state(chain, run_dir, executor, jobs)
+    for name, job in jobs.items():
+        record = chain_state.jobs[name]
+        if record.state in (st.PENDING, st.RUNNING):
+            continue  # still queued or running on SLURM: keep it
+        problem = output_verifies(job)
+        record.state, record.error = (st.SKIPPED, "") if not problem else (st.WAITING, "")
+    for name in topological(jobs):  # a stage that trains again gets evaluated again
+        if chain_state.jobs[name].state != st.WAITING:
+            continue
+        for dependent in chain_state.dependents(name):
+            record = chain_state.jobs[dependent]
+            if record.state == st.SKIPPED and record.kind == "eval":
+                record.state = st.WAITING
+            elif record.state == st.SKIPPED:
+                log.warning(
+                    "%s is finished but %s, which it builds on, runs again: delete %s to "
+                    "retrain it from the new checkpoint",
+                    dependent,
+                    name,
+                    record.out_dir,
+                )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "chain.yaml").write_text(chain_to_yaml(chain))
+    chain_state.save()
+    return chain_state
