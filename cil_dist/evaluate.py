@@ -147,11 +147,7 @@ def evaluate_checkpoint(
             f"{protocol.name!r} defines {', '.join(protocol.eval_task_sets)}"
         )
     if not task_sets:
-        task_sets = [
-            n
-            for n, t in protocol.eval_task_sets.items()
-            if protocol.classes_up_to(max(t)) <= num_classes
-        ]
+        task_sets = protocol.covered_task_sets(num_classes)
     evaluator = TaskSetEvaluator(protocol, num_classes, task_sets, device=env.device)
     loader = build_eval_loader(cfg.data, ShardSource.from_config(cfg.data, split), env)
     precision = build_precision(cfg.precision, env)

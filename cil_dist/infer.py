@@ -85,15 +85,7 @@ def infer(
     result: dict[str, Any] = {k: str(v) for k, v in written.items()}
     if ground_truth:
         gt = torch.from_numpy(load_ground_truth(ground_truth, image.size))[None].to(device)
-        sets = (
-            [task_set]
-            if task_set
-            else [
-                n
-                for n, t in protocol.eval_task_sets.items()
-                if protocol.classes_up_to(max(t)) <= num_classes
-            ]
-        )
+        sets = [task_set] if task_set else protocol.covered_task_sets(num_classes)
         evaluator = TaskSetEvaluator(protocol, num_classes, sets, device=device)
         evaluator.update(logits, gt)
         result["metrics"] = evaluator.results()

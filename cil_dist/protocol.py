@@ -150,6 +150,14 @@ class TaskProtocol:
         """Number of output channels of a model after stage ``stage`` (tasks 1..stage)."""
         return sum(len(self.task(k).classes) for k in range(1, stage + 1))
 
+    def covered_task_sets(self, num_classes: int) -> list[str]:
+        """The evaluation task sets a model with ``num_classes`` output channels can score."""
+        return [
+            name
+            for name, tasks in self.eval_task_sets.items()
+            if self.classes_up_to(max(tasks)) <= num_classes
+        ]
+
     def task_channels(self, task_id: int) -> list[int]:
         """Channel indices of one task's classes."""
         start = self.classes_up_to(task_id - 1)

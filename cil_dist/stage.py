@@ -37,9 +37,7 @@ class StagePlan:
     @property
     def task_sets(self) -> list[str]:
         """Evaluation task sets the model's channels cover."""
-        return [
-            name for name, tasks in self.protocol.eval_task_sets.items() if max(tasks) <= self.stage
-        ]
+        return self.protocol.covered_task_sets(self.num_classes)
 
 
 def plan_stage(cfg: TrainConfig, protocol: TaskProtocol) -> StagePlan:

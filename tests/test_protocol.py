@@ -84,3 +84,10 @@ def test_bad_protocols_name_the_key(paper, mutate, message):
     mutate(data)
     with pytest.raises(ProtocolError, match=re.escape(message)):
         TaskProtocol.from_dict(data, source="bad.yaml")
+
+
+def test_covered_task_sets_follow_the_models_channels(paper):
+    assert paper.covered_task_sets(5) == ["1"]
+    assert paper.covered_task_sets(11) == ["1", "2", "12"]
+    assert paper.covered_task_sets(19) == ["1", "2", "12", "3", "123"]
+    assert paper.covered_task_sets(4) == []
