@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cil_dist.config import DataConfig
+from cil_dist.data.transforms import normalize
 from cil_dist.evaluate import json_safe, model_from_checkpoint
 from cil_dist.metrics import TaskSetEvaluator, restricted_prediction, upsample_logits
 from cil_dist.protocol import TaskProtocol
@@ -63,10 +64,10 @@ def infer(
     defaults, trained = DataConfig(), payload.get("config", {}).get("data", {})
     resize = tuple(resize or trained.get("resize") or defaults.resize)  # as the run was trained
     mean, std = trained.get("mean", defaults.mean), trained.get("std", defaults.std)
-    tensor = torch.from_numpy(np.asarray(image.resize(resize, Image.BILINEAR), np.float32) / 255)
-    tensor = (tensor - torch.tensor(mean)) / torch.tensor(std)  # the run's normalisation
+    pixels = torch.from_numpy(np.array(image.resize(resize, Image.BILINEAR))).permute(2, 0, 1)
+    tensor = normalize(pixels[None].to(device), tuple(mean), tuple(std))  # as training does
     with torch.inference_mode():
-        logits = model(tensor.permute(2, 0, 1)[None].to(device)).float()
+        logits = model(tensor).float()
         logits = upsample_logits(logits, (image.height, image.width))
         prediction = restricted_prediction(logits, channels)[0].cpu().numpy()
     names = [protocol.class_names[c] for c in channels]
