@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,15 +108,6 @@ def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv) -
     return figures
 
 
-def closing_bar(batches: Iterable[dict], bar: tqdm) -> Iterator[dict]:
-    """The batches; the progress bar is closed when they end or fail, so that a data error's
-    one line is not glued to the bar."""
-    try:
-        yield from batches
-    finally:
-        bar.close()
-
-
 def train_one_epoch(
     parts: Components, cfg: TrainConfig, env: DistEnv, log_to: MetricsLog | None = None
 ) -> dict:
@@ -131,27 +121,27 @@ def train_one_epoch(
     sums = None  # [total, ce, kd] (+ the distillation sums with a teacher), summed over steps
     start, images = time.perf_counter(), 0
     lr = parts.optimizer.param_groups[0]["lr"]
-    bar = tqdm(
+    # the bar closes however the epoch ends, so a data error's one line is not glued to it
+    with tqdm(
         total=len(parts.loader),
         desc=f"epoch {parts.state.epoch + 1}/{cfg.optim.epochs}",
         disable=not env.is_main,
         leave=False,
         file=sys.stderr,
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
-    )
-    for batch in closing_bar(parts.loader, bar):
-        figures = train_step(parts, cfg, batch, env).cpu()
-        sums = figures if sums is None else sums + figures
-        images += batch["image"].shape[0]
-        parts.state.step += 1
-        bar.update(1)
-        if env.is_main and parts.state.step % cfg.log_every == 0:
-            rate = images * env.world_size / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{figures[0]:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-            if log_to is not None:
-                for name, value in zip(("total", "ce", "kd"), figures.tolist(), strict=False):
-                    log_to.scalar(f"loss/{name}", value, parts.state.step)
-    bar.close()
+    ) as bar:
+        for batch in parts.loader:
+            figures = train_step(parts, cfg, batch, env).cpu()
+            sums = figures if sums is None else sums + figures
+            images += batch["image"].shape[0]
+            parts.state.step += 1
+            bar.update(1)
+            if env.is_main and parts.state.step % cfg.log_every == 0:
+                rate = images * env.world_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{figures[0]:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                if log_to is not None:
+                    for name, value in zip(("total", "ce", "kd"), figures.tolist(), strict=False):
+                        log_to.scalar(f"loss/{name}", value, parts.state.step)
     steps = len(parts.loader)
     *figures, images = all_reduce_sum([*sums.tolist(), float(images)], env)
     seconds = time.perf_counter() - start

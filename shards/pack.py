@@ -415,22 +415,18 @@ def init_worker(options: storage.StorageOptions, parent: int) -> None:
 def run_tasks(tasks: list[ShardTask], workers: int) -> list[tuple[ShardRecord, bool]]:
     """``pack_job`` over ``tasks`` in ``workers`` processes, in order; on a failure the jobs not
     yet started are cancelled (the error is raised once the running ones end)."""
-    bar = tqdm(total=len(tasks), desc="packing shards", unit="shard", disable=None)
     pool = ProcessPoolExecutor(
         workers, initializer=init_worker, initargs=(storage.options(), os.getpid())
     )
-    results = []
     try:
-        for result in pool.map(pack_job, tasks):
-            results.append(result)
-            bar.update(1)
-    except BaseException:
+        with tqdm(total=len(tasks), desc="packing shards", unit="shard", disable=None) as bar:
+            results = []
+            for result in pool.map(pack_job, tasks):
+                results.append(result)
+                bar.update(1)
+        return results
+    finally:  # after a failure this drops the jobs not yet started
         pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    finally:
-        bar.close()
-    pool.shutdown()
-    return results
 
 
 def pack(

@@ -41,7 +41,7 @@ class CredentialHandler(http.server.SimpleHTTPRequestHandler):
     faults: ClassVar[dict[str, str]] = {}
 
     def log_message(self, *args) -> None:
-        pass
+        """No request log on the test's stderr."""
 
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
