@@ -19,7 +19,7 @@ from launch import state as st
 from launch.chain import JobSpec
 from launch.dispatch import submit_one
 from launch.monitor import job_alive, record_failure
-from launch.plan import topological
+from launch.plan import launch_order
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def run_locally(
                 finish_local(chain_state, name)
             ready = [
                 name
-                for name in topological(jobs)
+                for name in launch_order(jobs)
                 if chain_state.jobs[name].state == st.WAITING
                 and all(chain_state.jobs[dep].state in done_ok for dep in jobs[name].depends_on)
             ]

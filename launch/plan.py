@@ -30,6 +30,17 @@ def topological(jobs: dict[str, JobSpec]) -> list[str]:
     return order
 
 
+def launch_order(jobs: dict[str, JobSpec]) -> list[str]:
+    """Job names, those with the most jobs waiting on them (directly or not) first, topological
+    order among equals: with few slots, a long chain of stages starts before a lone last stage."""
+    dependents: dict[str, set[str]] = {name: set() for name in jobs}
+    for name in reversed(topological(jobs)):  # dependents before the jobs they depend on
+        for dep in jobs[name].depends_on:
+            dependents[dep] |= {name} | dependents[name]
+    rank = {name: index for index, name in enumerate(topological(jobs))}
+    return sorted(jobs, key=lambda name: (-len(dependents[name]), rank[name]))
+
+
 def output_verifies(job: JobSpec) -> str:
     """Why ``job``'s output is not complete yet ('' when it is)."""
     if job.kind == "eval":
