@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= out/demo
 
-.PHONY: setup system-deps demo reproduce test test-fast lint bench clean
+.PHONY: setup system-deps demo reproduce sweep-demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ REPRODUCE_SET ?=
 reproduce: setup
 	$(BIN)/python -m launch.demo --chain reproduce_synthetic --images-per-city 48 --max-parallel 2 \
 	  --out out/reproduce $(if $(REPRODUCE_SET),--set $(REPRODUCE_SET))
+
+# A 2 x 2 sweep (temperature x lambda) of the demo chain, selected on the held-out city.
+sweep-demo: setup
+	test -f $(DEMO)/shards/manifest.json || $(BIN)/python -m launch.demo --out $(DEMO) --data-only
+	$(BIN)/cil-launch sweep demo_temperature_lambda --out out/sweep-demo --max-parallel 2
 
 test: setup
 	$(BIN)/python -m pytest

@@ -17,6 +17,7 @@ Run folder layout::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,14 +143,21 @@ def eval_dir(run_dir: Path, name: str) -> Path:
     return run_dir / "evals" / name
 
 
-def stage_train_config(chain: ChainConfig, name: str, run_dir: Path) -> TrainConfig:
-    """The train config of stage ``name``: base config + chain wiring + overrides."""
+def stage_train_config(
+    chain: ChainConfig, name: str, run_dir: Path, job_names: Mapping[str, str] | None = None
+) -> TrainConfig:
+    """The train config of stage ``name``: base config + chain wiring + overrides.
+
+    ``job_names`` maps stage names to the names of their jobs' run folders (a sweep's jobs are
+    named by their digest); by default each stage's job is named as the stage."""
     from cil_dist.cli import load_train_config
 
+    names = job_names or {}
     spec = chain.stages[name]
-    teacher = ckpt.final_path(stage_dir(run_dir, spec.teacher)) if spec.teacher else "''"
+    teacher_dir = stage_dir(run_dir, names.get(spec.teacher, spec.teacher))
+    teacher = ckpt.final_path(teacher_dir) if spec.teacher else "''"
     wiring = [
-        f"name={name}",
+        f"name={names.get(name, name)}",
         f"out_dir={run_dir / 'stages'}",
         f"stage.tasks={chain.tasks}",
         f"stage.method={spec.method}",
@@ -176,19 +184,24 @@ def stage_train_config(chain: ChainConfig, name: str, run_dir: Path) -> TrainCon
     return cfg
 
 
-def expand(chain: ChainConfig, run_dir: Path) -> dict[str, JobSpec]:
-    """Every job of the chain, stages first, in the order of the config."""
+def expand(
+    chain: ChainConfig, run_dir: Path, job_names: Mapping[str, str] | None = None
+) -> dict[str, JobSpec]:
+    """Every job of the chain, stages first, in the order of the config, keyed by stage or
+    evaluation name (``job_names``: the jobs' own names, see :func:`stage_train_config`)."""
+    names = dict(job_names or {})
     jobs: dict[str, JobSpec] = {}
     for name, spec in chain.stages.items():
-        train = stage_train_config(chain, name, run_dir)
+        train = stage_train_config(chain, name, run_dir, names)
+        job = names.get(name, name)
         jobs[name] = JobSpec(
-            name=name,
+            name=job,
             kind="train",
             train=train,
             resources=resources_of(chain.resources, spec.resources, where=f"stages.{name}"),
-            depends_on=[spec.teacher] if spec.teacher else [],
-            checkpoint=str(ckpt.final_path(stage_dir(run_dir, name))),
-            out_dir=str(stage_dir(run_dir, name)),
+            depends_on=[names.get(spec.teacher, spec.teacher)] if spec.teacher else [],
+            checkpoint=str(ckpt.final_path(stage_dir(run_dir, job))),
+            out_dir=str(stage_dir(run_dir, job)),
         )
     for name, spec in chain.evaluations.items():
         if name in jobs:
@@ -198,8 +211,9 @@ def expand(chain: ChainConfig, run_dir: Path) -> dict[str, JobSpec]:
                 f"evaluations.{name}.stage: {spec.stage!r} is not a stage "
                 f"(stages: {', '.join(chain.stages)})"
             )
+        job = names.get(name, name)
         jobs[name] = JobSpec(
-            name=name,
+            name=job,
             kind="eval",
             train=jobs[spec.stage].train,
             resources=resources_of(
@@ -208,9 +222,9 @@ def expand(chain: ChainConfig, run_dir: Path) -> dict[str, JobSpec]:
                 spec.resources,
                 where=f"evaluations.{name}",
             ),
-            depends_on=[spec.stage],
+            depends_on=[jobs[spec.stage].name],
             checkpoint=jobs[spec.stage].checkpoint,
-            out_dir=str(eval_dir(run_dir, name)),
+            out_dir=str(eval_dir(run_dir, job)),
             task_sets=[str(t) for t in spec.task_sets],
             split=spec.split,
             export_predictions=spec.export_predictions,

@@ -1,7 +1,9 @@
 """``cil-launch``: submit, watch and cancel stage chains (SLURM, local or debug executor).
 
 cil-launch submit CHAIN.yaml --out RUN_DIR [--executor slurm|local|debug] [--set k=v ...]
-                  [--wait] [--max-parallel N]
+                  [--wait] [--max-parallel N] [--seeds S ...]
+cil-launch sweep SWEEP.yaml --out DIR [--executor slurm|local|debug] [--set k=v ...]
+                 [--wait] [--max-parallel N] [--max-jobs N]
 cil-launch status RUN_DIR [--json]
 cil-launch cancel RUN_DIR [--grace S]
 cil-launch report RUN_DIR
@@ -29,12 +31,34 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides")
     submit.add_argument("--wait", action="store_true", help="slurm: block until the chain ends")
     submit.add_argument(
-        "--max-parallel", type=int, default=1, help="local: jobs running at once (default 1)"
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="S",
+        help="repeat the chain once per seed (a sweep over seed: reports give mean ± std)",
     )
+    sweep = sub.add_parser("sweep", help="run a chain under many settings, shared jobs once")
+    sweep.add_argument("sweep", help="configs/sweeps/*.yaml or a shipped sweep name")
+    sweep.add_argument("--out", required=True, help="sweep folder (sweep.md, jobs, settings)")
+    sweep.add_argument("--executor", default="local", choices=("slurm", "local", "debug"))
+    sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides")
+    sweep.add_argument("--wait", action="store_true", help="slurm: block until the sweep ends")
+    sweep.add_argument(
+        "--max-jobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="slurm: at most N of the sweep's jobs in the queue at once (this command stays "
+        "and submits the rest as jobs leave the queue; default: all at once)",
+    )
+    for command in (submit, sweep):
+        command.add_argument(
+            "--max-parallel", type=int, default=1, help="local: jobs running at once (default 1)"
+        )
     for name, text in (
         ("status", "states, failures and logs"),
         ("cancel", "cancel all"),
-        ("report", "paper table"),
+        ("report", "paper table (of a chain or a sweep)"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("run_dir")
@@ -74,11 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     from launch.monitor import CancelIncomplete, cancel_chain, refresh, wait_for_chain
     from launch.report import write_report
     from launch.submit import submit_chain
+    from launch.sweep import SWEEP_FILE
+    from launch.sweep_report import write_sweep_report
     from launch.validate import ChainError
 
     args = build_parser().parse_args(argv)
     setup_logging(0)
     try:
+        if args.command == "sweep" or (args.command == "submit" and args.seeds):
+            return run_sweep(args)
         if args.command == "submit":
             chain = load_chain(args.chain, args.set)
             run_dir = Path(args.out).resolve()
@@ -99,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if any(r.state == st.FAILED for r in chain_state.jobs.values()) else 0
         if args.command == "cancel":
             print(format_status(cancel_chain(run_dir, args.grace)))
+        elif (run_dir / SWEEP_FILE).is_file():
+            print(write_sweep_report(run_dir))
         else:
             print(write_report(load_chain(run_dir / "chain.yaml"), run_dir))
     except CancelIncomplete as exc:
@@ -114,6 +144,32 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``cil-launch sweep`` (and ``submit --seeds``): run every setting, then report."""
+    from launch import state as st
+    from launch.monitor import wait_for_chain
+    from launch.sweep import SweepConfig, load_sweep, submit_sweep
+    from launch.sweep_report import write_sweep_report
+
+    if args.command == "sweep":
+        sweep, source = load_sweep(args.sweep, args.set), args.sweep
+        max_jobs = args.max_jobs
+    else:
+        name = f"{Path(args.chain).stem}_seeds"
+        sweep = SweepConfig(name=name, chain=args.chain, set=args.set, grid={"seed": args.seeds})
+        source, max_jobs = args.chain, 0
+    run_dir = Path(args.out).resolve()
+    _, chain_state = submit_sweep(
+        sweep, run_dir, args.executor, source, args.max_parallel, max_jobs
+    )
+    if args.executor == "slurm" and args.wait:
+        chain_state = wait_for_chain(run_dir)
+    print(format_status(chain_state))
+    if all(r.state in st.FINAL_STATES for r in chain_state.jobs.values()):
+        print(write_sweep_report(run_dir))
+    return 0 if not any(r.state == st.FAILED for r in chain_state.jobs.values()) else 1
 
 
 if __name__ == "__main__":

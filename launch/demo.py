@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--size", default="256x128")
     parser.add_argument("--max-parallel", type=int, default=1, help="jobs running at once")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="chain overrides")
+    parser.add_argument(
+        "--data-only", action="store_true", help="generate and pack the data, train nothing"
+    )
     args = parser.parse_args()
     setup_logging(0)
     from shards.cli import parse_size
@@ -131,6 +134,8 @@ def main() -> None:
     manifest_url = str(out / "shards" / "manifest.json")
     log.info("\n%s", summary(Manifest.load(manifest_url)))
     log.info("read back: %s", read_back(manifest_url))
+    if args.data_only:
+        return
     checkpoints = run_chain(out, args.chain, args.set, args.max_parallel)
     target = picture(
         out,

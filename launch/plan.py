@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cil_dist import checkpoint as ckpt
 from launch import state as st
-from launch.chain import ChainConfig, JobSpec, chain_to_yaml
+from launch.chain import JobSpec
 from launch.monitor import refresh
 
 log = logging.getLogger(__name__)
@@ -55,23 +55,24 @@ def output_verifies(job: JobSpec) -> str:
     return "" if mine == theirs else f"{job.checkpoint}: (method, epochs) {theirs} != {mine}"
 
 
-def new_state(chain: ChainConfig, run_dir: Path, executor: str, jobs: dict[str, JobSpec]):
+def new_state(name: str, run_dir: Path, executor: str, jobs: dict[str, JobSpec]):
     records = {
         name: st.JobRecord(name, job.kind, list(job.depends_on), job.checkpoint, job.out_dir)
         for name, job in jobs.items()
     }
     stamp = st.now()
-    return st.ChainState(chain.name, executor, str(run_dir), stamp, stamp, records)
+    return st.ChainState(name, executor, str(run_dir), stamp, stamp, records)
 
 
-def prepare_state(chain: ChainConfig, run_dir: Path, executor: str, jobs: dict[str, JobSpec]):
-    """A fresh chain state, or the existing one with finished jobs marked as skipped."""
+def prepare_state(name: str, run_dir: Path, executor: str, jobs: dict[str, JobSpec]):
+    """A fresh state for the jobs of chain (or sweep) ``name``, or the existing one with
+    finished jobs marked as skipped."""
     if (run_dir / st.CHAIN_FILE).is_file():
         old = st.ChainState.load(run_dir)
         if set(old.jobs) != set(jobs):
             raise ValueError(
                 f"{run_dir / st.CHAIN_FILE}: holds jobs {sorted(old.jobs)}, the chain has "
-                f"{sorted(jobs)}; use a new --out folder for a different chain"
+                f"{sorted(jobs)}; use a new --out folder for a different chain or sweep"
             )
         if old.executor != executor:
             raise ValueError(
@@ -80,7 +81,7 @@ def prepare_state(chain: ChainConfig, run_dir: Path, executor: str, jobs: dict[s
         refresh(old)
         chain_state = old
     else:
-        chain_state = new_state(chain, run_dir, executor, jobs)
+        chain_state = new_state(name, run_dir, executor, jobs)
     for name, job in jobs.items():
         record = chain_state.jobs[name]
         if record.state in (st.PENDING, st.RUNNING):
@@ -103,6 +104,5 @@ def prepare_state(chain: ChainConfig, run_dir: Path, executor: str, jobs: dict[s
                     record.out_dir,
                 )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "chain.yaml").write_text(chain_to_yaml(chain))
     chain_state.save()
     return chain_state

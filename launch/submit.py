@@ -25,7 +25,7 @@ from pathlib import Path
 
 from launch import procs
 from launch import state as st
-from launch.chain import ChainConfig
+from launch.chain import ChainConfig, chain_to_yaml
 from launch.dispatch import submit_slurm
 from launch.local_driver import run_locally
 from launch.plan import prepare_state
@@ -46,7 +46,8 @@ def submit_chain(
     jobs = validate_chain(chain, run_dir, executor, source)
     refuse_live_driver(run_dir)
     st.cancel_marker(run_dir).unlink(missing_ok=True)
-    chain_state = prepare_state(chain, run_dir, executor, jobs)
+    chain_state = prepare_state(chain.name, run_dir, executor, jobs)
+    (run_dir / "chain.yaml").write_text(chain_to_yaml(chain))
     if executor == "slurm":
         submit_slurm(chain_state, jobs, run_dir)
     else:

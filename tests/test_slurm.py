@@ -167,3 +167,37 @@ def test_cancel_stops_every_queued_and_running_job(slurm, tmp_path, manifest_pat
         assert time.monotonic() < deadline, sacct_states(ids)
         time.sleep(0.5)
     assert {r.state for r in st.ChainState.load(run).jobs.values()} == {"CANCELLED"}
+
+
+def test_sweep_submits_the_shared_stage_once_within_max_jobs(slurm, tmp_path, manifest_path):
+    from launch.sweep import load_sweep, submit_sweep
+    from tests.test_sweep import write_sweep
+
+    path = write_sweep(tmp_path, manifest_path, grid={"s2/teacher.temperature": [1.0, 2.0]})
+    run = tmp_path / "sweep"
+    settings, _ = submit_sweep(load_sweep(path), run, "slurm", max_jobs=3)
+    final = wait_for_chain(run, poll_s=2, timeout_s=CHAIN_TIMEOUT_S)
+    assert {r.state for r in final.jobs.values()} == {"COMPLETED"}
+    assert len(final.jobs) == 7  # s1 once; s2, e2 and e2 on heldout per setting
+    [stage1] = [n for n in final.jobs if n.startswith("s1-")]
+    assert final.jobs[stage1].submissions == [final.jobs[stage1].job_id]
+    ids = {name: record.job_id for name, record in final.jobs.items()}
+    times = {name: job_times(job_id) for name, job_id in ids.items()}
+    for setting in settings:  # each job started after the job it depends on ended
+        names = setting.job_names
+        assert times[names["s1"]][1] <= times[names["s2"]][0]
+        for evaluation in ("e2", "e2_heldout"):
+            assert times[names["s2"]][1] <= times[names[evaluation]][0]
+    submitted = {}
+    for name, job_id in ids.items():
+        done = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "Submit,End", "-j", job_id],
+            capture_output=True,
+            text=True,
+        )
+        submitted[name] = done.stdout.strip().splitlines()[0].split("|")
+    for moment, _ in submitted.values():  # never more than 3 of the sweep's jobs in the queue
+        queued = [n for n, (s, e) in submitted.items() if s <= moment < e]
+        assert len(queued) <= 3, (moment, queued)
+    assert launch_main(["report", str(run)]) == 0
+    assert "**Chosen on heldout**" in (run / "sweep.md").read_text()
