@@ -2,7 +2,11 @@
 
 A checkpoint holds the model (without DDP's ``module.`` prefix), optimiser, schedule, scaler,
 the progress record, RNG states, the resolved config and the task protocol. Files live in
-``RUN/checkpoints/``: ``epoch_0010.pt`` … (the newest ``keep`` are kept) and ``final.pt``.
+``RUN/checkpoints/``: ``epoch_0010.pt`` … (the newest ``keep`` are kept) and ``final.pt``, the
+one marked ``complete`` (the run trained all its epochs). This module owns every read of a
+weights file — local or on object storage (``s3://``, ``gs://``, ``https://``) —, what a
+checkpoint holds (:func:`restore` puts it back into the objects of a run, :func:`describe`
+says what it is without reading its tensors, :func:`model_from_checkpoint` builds its model).
 A file exists only once completely written (temporary file + rename); a run resumes from the
 newest one that loads (a file damaged after the fact is passed over with a warning), and the
 temporaries of writes a killed job never finished are removed when the run starts again.
@@ -10,6 +14,7 @@ temporaries of writes a killed job never finished are removed when the run start
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import re
@@ -83,16 +88,40 @@ def save_checkpoint(path: str | Path, **payload: Any) -> None:
     log.info("saved checkpoint %s", path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+class WeightsFileError(CheckpointError):
+    """A file ``torch.load(weights_only=True)`` cannot read; ``reason`` says why in one line."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+
+def read_weights(path: str, lazy: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of a local file or an object-storage URL; ``lazy``
+    maps a local file instead of reading its tensors. :class:`WeightsFileError` names the file
+    (redacted) and why it does not load (never PyTorch's ``weights_only=False`` advice)."""
+    shown = storage.redact_url(path)
+    try:
+        if storage.is_local(path):
+            local = storage.local_path(path)
+            return torch.load(local, map_location="cpu", weights_only=True, mmap=lazy)
+        stream = io.BytesIO(storage.read_bytes(path))
+        return torch.load(stream, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsFileError(shown, "not found") from None
+    except Exception as exc:  # torch.load raises many kinds for a bad file
+        raise WeightsFileError(shown, load_failure(exc)) from None
+
+
+def load_checkpoint(path: str | Path, lazy: bool = False) -> dict[str, Any]:
     """Load a cil-dist checkpoint, or a plain model state dict (published reference weights)."""
     path = str(path)
     if not storage.exists(path):
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{storage.redact_url(path)}: checkpoint not found")
     try:
-        with open(storage.local_path(path), "rb") as stream:
-            payload = torch.load(stream, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many kinds for a bad file
-        raise CheckpointError(f"{path}: cannot load checkpoint: {load_failure(exc)}") from None
+        payload = read_weights(path, lazy)
+    except WeightsFileError as exc:
+        raise CheckpointError(f"{exc.path}: cannot load checkpoint: {exc.reason}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(payload).__name__}")
     if payload.get("format") == FORMAT:
@@ -100,6 +129,63 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return {"format": "state_dict", "model": payload}  # a plain reference state dict
     raise CheckpointError(f"{path}: neither a cil-dist checkpoint nor a model state dict")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint is, read without loading its tensors (:func:`describe`)."""
+
+    path: str
+    method: str | None
+    stage: int | None
+    epoch: int | None  # epochs completed
+    num_classes: int
+    complete: bool  # the run trained every epoch it was configured for
+
+
+def describe(path: str | Path) -> CheckpointInfo:
+    """Method, stage, epochs and classes of a checkpoint, cheaply (a local file is mapped, not
+    read); :class:`CheckpointError` when it does not load."""
+    payload = load_checkpoint(path, lazy=True)
+    return CheckpointInfo(
+        path=str(path),
+        method=payload.get("method"),
+        stage=payload.get("stage"),
+        epoch=payload.get("state", {}).get("epoch"),
+        num_classes=num_classes_of(payload["model"], str(path)),
+        # written before the marker existed: a final.pt is complete
+        complete=bool(payload.get("complete", Path(str(path)).name == FINAL)),
+    )
+
+
+def restore(
+    payload: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any | None = None,
+) -> TrainState:
+    """Put a cil-dist checkpoint back into a run's objects (weights, optimiser, schedule,
+    scaler, RNG states); returns its progress record."""
+    from cil_dist.model import load_state_dict_checked
+
+    load_state_dict_checked(model, payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])
+    set_rng_state(payload["rng"])
+    return TrainState(**payload["state"])
+
+
+def model_from_checkpoint(path: str, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """An ERFNet with the checkpoint's weights, in eval mode, and the checkpoint payload."""
+    from cil_dist.model import ERFNet, load_state_dict_checked
+
+    payload = load_checkpoint(path)
+    model = ERFNet(num_classes_of(payload["model"], path))
+    load_state_dict_checked(model, payload["model"])
+    return model.to(device).eval(), payload
 
 
 def num_classes_of(model_state: dict[str, torch.Tensor], path: str = "checkpoint") -> int:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cil_dist.checkpoint import model_from_checkpoint
 from cil_dist.config import TrainConfig
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_eval_loader
 from cil_dist.distributed import DistEnv
@@ -108,17 +109,6 @@ def evaluate_run(
     if env.is_main:
         write_results(results, plan.protocol, run_dir / f"eval_{split}", cfg.name)
     return results
-
-
-def model_from_checkpoint(path: str, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """An ERFNet with the checkpoint's weights, in eval mode, and the checkpoint payload."""
-    from cil_dist.checkpoint import load_checkpoint, num_classes_of
-    from cil_dist.model import ERFNet, load_state_dict_checked
-
-    payload = load_checkpoint(path)
-    model = ERFNet(num_classes_of(payload["model"], path))
-    load_state_dict_checked(model, payload["model"])
-    return model.to(device).eval(), payload
 
 
 def evaluate_checkpoint(

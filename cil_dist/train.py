@@ -34,7 +34,7 @@ from cil_dist.distributed import (
 )
 from cil_dist.logs import setup_logging
 from cil_dist.losses import cross_entropy, finetune_loss, global_pixel_counts, incremental_loss
-from cil_dist.model import ERFNet, build_model, load_state_dict_checked
+from cil_dist.model import ERFNet, build_model
 from cil_dist.model.sync_batchnorm import convert_sync_batchnorm
 from cil_dist.optim import build_optimizer, poly_schedule
 from cil_dist.precision import Precision, build_precision
@@ -302,13 +302,9 @@ def resume(parts: Components, cfg: TrainConfig, run_dir: Path) -> None:
             f"{path}: checkpoint is (method, stage, classes) = {theirs}, this run is {mine}"
         )
     changes = check_config_change(cfg, payload, path)
-    load_state_dict_checked(parts.bare_student, payload["model"])
-    parts.optimizer.load_state_dict(payload["optimizer"])
-    parts.scheduler.load_state_dict(payload["scheduler"])
-    if parts.precision.scaler and payload["scaler"]:
-        parts.precision.scaler.load_state_dict(payload["scaler"])
-    parts.state = ckpt.TrainState(**payload["state"])
-    ckpt.set_rng_state(payload["rng"])
+    parts.state = ckpt.restore(
+        payload, parts.bare_student, parts.optimizer, parts.scheduler, parts.precision.scaler
+    )
     if changes:
         apply_optim_config(parts, cfg)
     log.info("resumed from %s at epoch %d, step %d", path, parts.state.epoch, parts.state.step)
@@ -352,9 +348,12 @@ def apply_optim_config(parts: Components, cfg: TrainConfig) -> None:
     scheduler._last_lr = [group["lr"] for group in parts.optimizer.param_groups]
 
 
-def save(parts: Components, cfg: TrainConfig, path: Path, env: DistEnv) -> None:
+def save(
+    parts: Components, cfg: TrainConfig, path: Path, env: DistEnv, complete: bool = False
+) -> None:
+    """Rank 0 writes the checkpoint (``complete``: the final one, every epoch trained)."""
     if env.is_main:
-        ckpt.save_checkpoint(path, **checkpoint_payload(parts, cfg))
+        ckpt.save_checkpoint(path, **checkpoint_payload(parts, cfg), complete=complete)
     barrier(env)
 
 
@@ -425,7 +424,7 @@ def fit(parts: Components, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Pat
     finally:
         metrics.close()
         validator.close()
-    save(parts, cfg, final, env)
+    save(parts, cfg, final, env, complete=True)
     return final
 
 

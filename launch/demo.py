@@ -80,7 +80,7 @@ def picture(out: Path, checkpoints: dict[str, Path], frames: int = 3) -> Path:
     import torch
     from PIL import Image
 
-    from cil_dist.evaluate import model_from_checkpoint
+    from cil_dist.checkpoint import model_from_checkpoint
     from cil_dist.metrics import upsample_logits
     from cil_dist.visualize import colorize, label_ids_to_color, side_by_side
 

@@ -47,11 +47,13 @@ def output_verifies(job: JobSpec) -> str:
         metrics = Path(job.out_dir) / "metrics.json"
         return "" if metrics.is_file() else f"{metrics} missing"
     try:
-        payload = ckpt.load_checkpoint(job.checkpoint)
+        info = ckpt.describe(job.checkpoint)
     except ckpt.CheckpointError as exc:
         return str(exc)
+    if not info.complete:
+        return f"{job.checkpoint}: not marked complete"
     mine = (job.train.stage.method, job.train.optim.epochs)
-    theirs = (payload.get("method"), payload.get("state", {}).get("epoch"))
+    theirs = (info.method, info.epoch)
     return "" if mine == theirs else f"{job.checkpoint}: (method, epochs) {theirs} != {mine}"
 
 

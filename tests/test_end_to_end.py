@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from cil_dist.checkpoint import model_from_checkpoint
 from cil_dist.config import DataConfig
 from cil_dist.data.pipeline import ShardSource, build_eval_loader
 from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
-from cil_dist.evaluate import evaluate, model_from_checkpoint
+from cil_dist.evaluate import evaluate
 from cil_dist.metrics import TaskSetEvaluator
 from cil_dist.precision import Precision
 from cil_dist.protocol import TaskProtocol

@@ -473,3 +473,29 @@ def test_gs_pack_verify_and_stream_through_a_gcs_emulator(synth_root, manifest_p
         source = ShardSource.from_manifest(f"{prefix}/manifest.json", "task2")
         keys = eval_keys(data_config(f"{prefix}/manifest.json", workers=2), source, world=2)
         assert set(keys.values()) == {1} and sum(keys.values()) == remote.splits["task2"].samples
+
+
+def test_a_teacher_on_s3_loads_and_teaches(s3_endpoint, tmp_path, manifest_path):
+    from cil_dist import checkpoint as ckpt
+    from cil_dist.teacher import load_teacher
+    from cil_dist.train import run_training
+    from tests.helpers import tiny_train_config
+
+    stage1 = run_training(tiny_train_config(manifest_path, tmp_path, name="s1", stage=1))
+    url = f"s3://{BUCKET}/runs/s1/final.pt"
+    boto3.client("s3", endpoint_url=s3_endpoint).upload_file(
+        str(stage1), BUCKET, "runs/s1/final.pt"
+    )
+    storage.configure(storage.StorageOptions(endpoint_url=s3_endpoint))
+    info = ckpt.describe(url)
+    assert (info.method, info.stage, info.num_classes, info.complete) == ("cil", 1, 5, True)
+    teacher = load_teacher(url, 5, "cpu")
+    local = torch.load(stage1, weights_only=True)["model"]
+    assert all(torch.equal(v, local[k]) for k, v in teacher.state_dict().items())
+    with pytest.raises(ckpt.CheckpointError, match=f"s3://{BUCKET}/runs/nothing.pt: checkpoint"):
+        ckpt.load_checkpoint(f"s3://{BUCKET}/runs/nothing.pt")
+
+    cfg = tiny_train_config(manifest_path, tmp_path, name="s2", stage=2)
+    cfg.teacher.checkpoint, cfg.data.endpoint_url = url, s3_endpoint
+    final = run_training(cfg)
+    assert ckpt.load_checkpoint(final)["config"]["teacher"]["checkpoint"] == url

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cil_dist.checkpoint import load_failure
+from cil_dist.checkpoint import WeightsFileError, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +220,9 @@ def read_encoder_file(path: str) -> dict:
     if not file.is_file():
         raise EncoderInitError(path, "not a file")
     try:
-        raw = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many kinds for a bad file
-        raise EncoderInitError(path, load_failure(exc)) from None
+        raw = read_weights(str(file))
+    except WeightsFileError as exc:
+        raise EncoderInitError(path, exc.reason) from None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
