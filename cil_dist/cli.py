@@ -13,26 +13,10 @@ import logging
 import sys
 from pathlib import Path
 
-from cil_dist.config import ConfigError, TrainConfig, merge
+from cil_dist.config import ConfigError, load_train_config
 from cil_dist.storage import redact_url
 
 log = logging.getLogger("cil")
-
-
-def load_train_config(
-    config: str | None, overrides: list[str], base: dict | None = None, label: str = "override"
-):
-    """TrainConfig from a shipped name or YAML file (plus a base dict and dotted overrides;
-    an error in one is blamed on ``label`` and the override, e.g. ``--set optim.lr=abc``)."""
-    import configs
-
-    sources = [base] if base else []
-    where = "overrides"
-    if config:
-        path = configs.find("train", config)
-        sources.append(str(path))
-        where = str(path)
-    return merge(TrainConfig, *sources, overrides=overrides, where=where, label=label)
 
 
 def build_parser() -> argparse.ArgumentParser:

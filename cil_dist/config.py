@@ -102,6 +102,28 @@ class DataConfig:
         return self.global_batch_size // world_size
 
 
+def load_train_config(
+    config: str | None,
+    overrides: list[str],
+    base: dict | None = None,
+    label: str = "override",
+    layers: list[dict] | None = None,
+) -> TrainConfig:
+    """TrainConfig from a shipped name or YAML file, with a base dict under it, typed ``layers``
+    (nested dicts, e.g. a chain's wiring) over it, then dotted overrides; an error in an
+    override is blamed on ``label`` and the override, e.g. ``--set optim.lr=abc``."""
+    import configs
+
+    sources: list[Any] = [base] if base else []
+    where = "overrides"
+    if config:
+        path = configs.find("train", config)
+        sources.append(str(path))
+        where = str(path)
+    sources += layers or []
+    return merge(TrainConfig, *sources, overrides=overrides, where=where, label=label)
+
+
 def merge(
     schema: type,
     *sources: Any,

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from cil_dist import checkpoint as ckpt
 from cil_dist import storage
-from cil_dist.config import ConfigError, TrainConfig, merge
+from cil_dist.config import ConfigError, TrainConfig, load_train_config, merge
 
 
 @dataclass
@@ -150,32 +150,28 @@ def stage_train_config(
 
     ``job_names`` maps stage names to the names of their jobs' run folders (a sweep's jobs are
     named by their digest); by default each stage's job is named as the stage."""
-    from cil_dist.cli import load_train_config
-
     names = job_names or {}
     spec = chain.stages[name]
     teacher_dir = stage_dir(run_dir, names.get(spec.teacher, spec.teacher))
-    teacher = ckpt.final_path(teacher_dir) if spec.teacher else "''"
-    wiring = [
-        f"name={names.get(name, name)}",
-        f"out_dir={run_dir / 'stages'}",
-        f"stage.tasks={chain.tasks}",
-        f"stage.method={spec.method}",
-        f"stage.stage={spec.stage}",
-        f"teacher.checkpoint={teacher}",
-        "checkpoint.resume=auto",
-        "eval.after_training=false",
-    ]
+    wiring: dict[str, Any] = {
+        "name": names.get(name, name),
+        "out_dir": str(run_dir / "stages"),
+        "stage": {"tasks": chain.tasks, "method": spec.method, "stage": spec.stage},
+        "teacher": {"checkpoint": str(ckpt.final_path(teacher_dir)) if spec.teacher else ""},
+        "checkpoint": {"resume": "auto"},
+        "eval": {"after_training": False},
+    }
     if chain.manifest:
         manifest = chain.manifest
         if storage.is_local(manifest):  # jobs may start in another folder
             manifest = str(Path(storage.local_path(manifest)).resolve())
-        wiring.append(f"data.manifest={manifest}")
+        wiring["data"] = {"manifest": manifest}
     if spec.epochs:
-        wiring.append(f"optim.epochs={spec.epochs}")
-    where_overrides = [*wiring, *chain.overrides, *spec.overrides]
+        wiring["optim"] = {"epochs": spec.epochs}
     try:
-        cfg = load_train_config(chain.train_config, where_overrides)
+        cfg = load_train_config(
+            chain.train_config, [*chain.overrides, *spec.overrides], layers=[wiring]
+        )
     except ConfigError as exc:
         raise ConfigError(f"stages.{name}: {exc}") from exc
     init = cfg.model.encoder_init

@@ -60,7 +60,7 @@ def test_shipped_chains_expand_with_teacher_wiring(tmp_path):
 
 
 def test_paper_stages_start_from_the_imagenet_encoder_and_the_demo_from_scratch(tmp_path):
-    from cil_dist.cli import load_train_config
+    from cil_dist.config import load_train_config
 
     for name in ("paper_stage1", "paper_stage2", "paper_stage3", "paper_joint"):
         assert load_train_config(name, []).model.encoder_init == IMAGENET_ENCODER, name

@@ -129,7 +129,7 @@ def test_color_jitter_applies_brightness_contrast_saturation_hue_in_that_order()
 def test_shipped_cpu_configs_never_pad_their_crops():
     """A crop larger than the frame rescaled by 1/scale_max is padded with black pixels whose
     label is 255, which the distillation then learns; the paper's 640x192 of 1024x512 never is."""
-    from cil_dist.cli import load_train_config
+    from cil_dist.config import load_train_config
 
     for name in ("demo_synthetic", "reproduce_synthetic", "paper_stage1"):
         data = load_train_config(name, []).data
