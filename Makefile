@@ -24,18 +24,18 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt | system-deps
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m launch.demo --out $(DEMO)
+	$(BIN)/python scripts/demo.py --out $(DEMO)
 
 # The converged reproduction on the synthetic Cityscapes (about an hour on 2 cores; README).
 # REPRODUCE_SET adds chain overrides, e.g. "stages.cil_stage3.epochs=120".
 REPRODUCE_SET ?=
 reproduce: setup
-	$(BIN)/python -m launch.demo --chain reproduce_synthetic --images-per-city 48 --max-parallel 2 \
+	$(BIN)/python scripts/demo.py --chain reproduce_synthetic --images-per-city 48 --max-parallel 2 \
 	  --out out/reproduce $(if $(REPRODUCE_SET),--set $(REPRODUCE_SET))
 
 # A 2 x 2 sweep (temperature x lambda) of the demo chain, selected on the held-out city.
 sweep-demo: setup
-	test -f $(DEMO)/shards/manifest.json || $(BIN)/python -m launch.demo --out $(DEMO) --data-only
+	test -f $(DEMO)/shards/manifest.json || $(BIN)/python scripts/demo.py --out $(DEMO) --data-only
 	$(BIN)/cil-launch sweep demo_temperature_lambda --out out/sweep-demo --max-parallel 2
 
 test: setup
