@@ -13,11 +13,11 @@ same batch and crop, in the same run:
   the teacher's gradients to accumulate, step after step. ``torch.optim.Adam`` at its defaults
   plus weight decay (on CPU that is the single-tensor loop);
 - ``default``: this trainer's step with its default configuration (channels_last included):
-  the teacher frozen under
-  ``torch.inference_mode()`` (``cil_dist.teacher.teacher_forward``), ``precision.dtype: auto``
+  the teacher frozen under ``torch.inference_mode()``
+  (``cil_dist.training.teacher.teacher_forward``), ``precision.dtype: auto``
   (bf16 on CPUs with native bf16, AVX512-BF16 or AMX; fp32 on the others, where bf16 is
   emulated and many times slower), ``optim.implementation: auto`` (fused Adam where available),
-  ``cil_dist.losses.incremental_loss``;
+  ``cil_dist.training.losses.incremental_loss``;
 - ``fp32``, ``bf16``: the same with ``precision.dtype`` fixed;
 - variants of ``default``, one change each: ``contiguous`` (no channels_last for student,
   teacher and input), ``compile`` (``torch.compile`` of the student; its compilation, in the
@@ -52,11 +52,11 @@ import torch.nn.functional as F
 from cil_dist.config import ModelConfig, OptimConfig, PrecisionConfig, TeacherConfig
 from cil_dist.distributed import DistEnv
 from cil_dist.labels import IGNORE
-from cil_dist.losses import incremental_loss
 from cil_dist.model import ERFNet, build_model
-from cil_dist.optim import build_optimizer
-from cil_dist.precision import Precision, build_precision, native_bf16
-from cil_dist.teacher import teacher_forward
+from cil_dist.training.losses import incremental_loss
+from cil_dist.training.optim import build_optimizer
+from cil_dist.training.precision import Precision, build_precision, native_bf16
+from cil_dist.training.teacher import teacher_forward
 
 NUM_OLD, NUM_CLASSES = 5, 11  # teacher and student channels of the benchmarked stage
 
@@ -185,7 +185,7 @@ def trainer_parts(row: Row):
 
 
 def trainer_step(student, teacher, optimizer, precision: Precision, images, labels) -> None:
-    """This trainer's step (``cil_dist.train.train_step`` without the data loader)."""
+    """This trainer's step (``cil_dist.training.train.train_step`` without the data loader)."""
     optimizer.zero_grad(set_to_none=True)
     teacher_logits = teacher_forward(teacher, images, precision)
     with precision.autocast():

@@ -46,20 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cil_dist.checkpoint import CheckpointError
     from cil_dist.data.reading import ShardReadError
     from cil_dist.logs import setup_logging
+    from cil_dist.training.checkpoint import CheckpointError
 
     setup_logging(0)
     try:
         if args.command == "train":
-            from cil_dist.train import run_training
+            from cil_dist.training.train import run_training
 
             run_training(load_train_config(args.config, args.set, label="--set"))
         elif args.command == "eval":
             run_eval(args)
         else:
-            from cil_dist.infer import infer
+            from cil_dist.evaluation.infer import infer
 
             result = infer(
                 args.checkpoint, args.image, args.output_path, args.ground_truth, args.task_set
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def metrics_tables(results: dict, label: str) -> str:
     """The paper-shaped mIoU row and the per-class IoU of one image's metrics (stdout)."""
-    from cil_dist.metrics import format_class_table, format_paper_table
+    from cil_dist.evaluation.metrics import format_class_table, format_paper_table
 
     row = {name: result["miou"] for name, result in results.items()}
     table = format_paper_table({label: row}, tuple(results))
@@ -83,8 +83,8 @@ def metrics_tables(results: dict, label: str) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from cil_dist.checkpoint import load_checkpoint
-    from cil_dist.evaluate import run_evaluation
+    from cil_dist.evaluation.evaluate import run_evaluation
+    from cil_dist.training.checkpoint import load_checkpoint
 
     payload = load_checkpoint(args.checkpoint)
     overrides = list(args.set) + ([f"data.manifest={args.manifest}"] if args.manifest else [])

@@ -24,9 +24,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from cil_dist import checkpoint as ckpt
 from cil_dist import storage
 from cil_dist.config import ConfigError, TrainConfig, load_train_config, merge
+from cil_dist.training import checkpoint as ckpt
 
 
 @dataclass

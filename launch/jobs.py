@@ -101,14 +101,14 @@ class ChainJob(submitit.helpers.Checkpointable):
 
 class TrainJob(ChainJob):
     def run(self) -> str:
-        from cil_dist.train import run_training
+        from cil_dist.training.train import run_training
 
         return str(run_training(self.spec.train))
 
 
 class EvalJob(ChainJob):
     def run(self) -> str:
-        from cil_dist.evaluate import run_evaluation
+        from cil_dist.evaluation.evaluate import run_evaluation
 
         spec = self.spec
         out = Path(spec.out_dir)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cil_dist import checkpoint as ckpt
+from cil_dist.training import checkpoint as ckpt
 from launch import state as st
 from launch.chain import JobSpec
 from launch.monitor import refresh

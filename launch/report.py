@@ -5,7 +5,7 @@ method against its joint upper bound on all classes, what it keeps of task 1, th
 lower bound), the continual-learning metrics of every lineage of stages (:mod:`launch.continual`:
 old / new / all mIoU and each class's IoU after each step, forgetting per task; also
 ``RUN_DIR/continual.csv``), then the per-class IoU of every row. ``RUN_DIR/curves.png`` shows
-the validation curves of every stage (:mod:`cil_dist.curves`).
+the validation curves of every stage (:mod:`cil_dist.evaluation.curves`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import logging
 import math
 from pathlib import Path
 
-from cil_dist.curves import plot_runs
-from cil_dist.metrics import format_class_table, format_paper_table, task_set_title
+from cil_dist.evaluation.curves import plot_runs
+from cil_dist.evaluation.metrics import format_class_table, format_paper_table, task_set_title
 from cil_dist.protocol import TaskProtocol
 from launch.chain import ChainConfig, eval_dir, stage_dir
 from launch.continual import write_continual

@@ -4,9 +4,10 @@
 overrides (``teacher.temperature: 2``, ``cil_stage3/optim.lr: 1e-3``, ``seed: 1``): the
 product of ``grid`` or each entry of ``settings``. Each setting is the base chain with its
 overrides; its jobs are named by a digest of what determines their output — the resolved
-train config without the keys that do not alter a run (:data:`cil_dist.checkpoint.FREE_KEYS`),
-the content of the data manifest and the teacher job's digest — so settings whose stage 1
-resolve alike share one stage-1 job, and a 3 × 3 grid over stage-2/3 keys trains stage 1 once.
+train config without the keys that do not alter a run
+(:data:`cil_dist.training.checkpoint.FREE_KEYS`), the content of the data manifest and the
+teacher job's digest — so settings whose stage 1 resolve alike share one stage-1 job, and a
+3 × 3 grid over stage-2/3 keys trains stage 1 once.
 
 Sweep folder layout::
 
@@ -34,9 +35,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from cil_dist import checkpoint as ckpt
 from cil_dist import storage
 from cil_dist.config import ConfigError, TrainConfig, merge
+from cil_dist.training import checkpoint as ckpt
 from launch import state as st
 from launch.chain import (
     ChainConfig,

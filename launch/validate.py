@@ -21,7 +21,7 @@ from cil_dist.config import ConfigError
 from cil_dist.data.manifest import Manifest, ManifestError
 from cil_dist.data.pipeline import storage_options
 from cil_dist.protocol import ProtocolError, TaskProtocol
-from cil_dist.stage import METHODS, StagePlan, plan_stage
+from cil_dist.training.stage import METHODS, StagePlan, plan_stage
 from launch.chain import (
     ChainConfig,
     JobSpec,

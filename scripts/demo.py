@@ -80,9 +80,9 @@ def picture(out: Path, checkpoints: dict[str, Path], frames: int = 3) -> Path:
     import torch
     from PIL import Image
 
-    from cil_dist.checkpoint import model_from_checkpoint
-    from cil_dist.metrics import upsample_logits
-    from cil_dist.visualize import colorize, label_ids_to_color, side_by_side
+    from cil_dist.evaluation.metrics import upsample_logits
+    from cil_dist.evaluation.visualize import colorize, label_ids_to_color, side_by_side
+    from cil_dist.training.checkpoint import model_from_checkpoint
 
     root = out / "cityscapes"
     images = sorted((root / "leftImg8bit" / "val").glob("*/*_leftImg8bit.png"))[::7][:frames]

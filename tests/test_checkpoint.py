@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cil_dist import checkpoint as ckpt
 from cil_dist.config import OptimConfig
 from cil_dist.model import ERFNet
-from cil_dist.optim import build_optimizer, poly_schedule
+from cil_dist.training import checkpoint as ckpt
+from cil_dist.training.optim import build_optimizer, poly_schedule
 
 
 def write(path, complete: bool, epoch: int = 3) -> ERFNet:

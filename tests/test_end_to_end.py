@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cil_dist.checkpoint import model_from_checkpoint
 from cil_dist.config import DataConfig
 from cil_dist.data.pipeline import ShardSource, build_eval_loader
 from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
-from cil_dist.evaluate import evaluate
-from cil_dist.metrics import TaskSetEvaluator
-from cil_dist.precision import Precision
+from cil_dist.evaluation.evaluate import evaluate
+from cil_dist.evaluation.metrics import TaskSetEvaluator
 from cil_dist.protocol import TaskProtocol
-from cil_dist.train import run_training
+from cil_dist.training.checkpoint import model_from_checkpoint
+from cil_dist.training.precision import Precision
+from cil_dist.training.train import run_training
 from shards.pack import pack
 from shards.synth import generate
 from tests.helpers import free_port, run_ranks, tiny_train_config
@@ -213,8 +213,8 @@ def test_infer_normalises_with_the_runs_mean_and_std(runs, synth_root, tmp_path)
     import numpy as np
     from PIL import Image
 
-    from cil_dist.infer import infer
-    from cil_dist.visualize import colorize
+    from cil_dist.evaluation.infer import infer
+    from cil_dist.evaluation.visualize import colorize
 
     payload = torch.load(runs["stage1"], weights_only=True)
     payload["config"]["data"].update(mean=[0.3, 0.3, 0.3], std=[0.5, 0.5, 0.5])

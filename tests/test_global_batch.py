@@ -11,9 +11,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from cil_dist.config import ConfigError, DataConfig
-from cil_dist.losses import PixelCounts, global_pixel_counts, incremental_loss
 from cil_dist.model import ERFNet
 from cil_dist.model.sync_batchnorm import GlobalBatchNorm2d, convert_sync_batchnorm
+from cil_dist.training.losses import PixelCounts, global_pixel_counts, incremental_loss
 from tests.helpers import run_ranks
 
 BATCH, OLD, CLASSES = 6, 5, 11

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cil_dist.losses import cross_entropy, finetune_loss, incremental_loss
+from cil_dist.training.losses import cross_entropy, finetune_loss, incremental_loss
 
 N, C_OLD, C, H, W = 2, 4, 7, 3, 4
 

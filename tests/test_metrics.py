@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
-from cil_dist.metrics import ConfusionMatrix, TaskSetEvaluator, format_paper_table
-from cil_dist.visualize import channels_to_label_ids, colorize
+from cil_dist.evaluation.metrics import ConfusionMatrix, TaskSetEvaluator, format_paper_table
+from cil_dist.evaluation.visualize import channels_to_label_ids, colorize
 from tests.helpers import run_ranks
 
 
@@ -106,7 +106,7 @@ def test_colours_and_label_id_export(paper_protocol):
 def test_results_with_nan_are_written_as_valid_json_with_null(tmp_path, paper_protocol):
     import json
 
-    from cil_dist.evaluate import write_results
+    from cil_dist.evaluation.evaluate import write_results
 
     results = {"1": {"miou": 0.5, "iou": {"road": 0.5, "sky": math.nan}, "pixels": 10}}
     write_results(results, paper_protocol, tmp_path, "run")

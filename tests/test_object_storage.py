@@ -362,7 +362,7 @@ def test_skip_keeps_equal_batches_per_rank_in_training(store, paper_protocol):
 
 
 def test_skipped_samples_land_in_the_epoch_metrics(shard_dir, tmp_path):
-    from cil_dist.train import build, train_one_epoch
+    from cil_dist.training.train import build, train_one_epoch
     from tests.helpers import tiny_train_config
 
     with static_http(shard_dir) as url:
@@ -384,7 +384,7 @@ def _train_rank(rank: int, manifest: str, out, endpoint: str) -> None:
     """One rank of a tiny 2-rank stage; its stderr (all logging) goes to a file."""
     import os
 
-    from cil_dist.train import run_training
+    from cil_dist.training.train import run_training
     from tests.helpers import tiny_train_config
 
     out.mkdir(parents=True, exist_ok=True)
@@ -476,9 +476,9 @@ def test_gs_pack_verify_and_stream_through_a_gcs_emulator(synth_root, manifest_p
 
 
 def test_a_teacher_on_s3_loads_and_teaches(s3_endpoint, tmp_path, manifest_path):
-    from cil_dist import checkpoint as ckpt
-    from cil_dist.teacher import load_teacher
-    from cil_dist.train import run_training
+    from cil_dist.training import checkpoint as ckpt
+    from cil_dist.training.teacher import load_teacher
+    from cil_dist.training.train import run_training
     from tests.helpers import tiny_train_config
 
     stage1 = run_training(tiny_train_config(manifest_path, tmp_path, name="s1", stage=1))

@@ -25,12 +25,12 @@ import yaml
 from PIL import Image
 
 from cil_dist import cli
-from cil_dist.checkpoint import save_checkpoint
 from cil_dist.config import AugmentConfig, DataConfig
 from cil_dist.data.transforms import SampleError, SegmentationTransform, normalize
 from cil_dist.model import ERFNet
 from cil_dist.protocol import TaskProtocol
-from cil_dist.train import public_config
+from cil_dist.training.checkpoint import save_checkpoint
+from cil_dist.training.train import public_config
 from shards import cli as shards_cli
 from shards.synth import generate
 from tests.helpers import tiny_train_config

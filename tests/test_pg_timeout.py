@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from cil_dist.config import ConfigError
 from cil_dist.distributed import DistEnv
-from cil_dist.train import build
+from cil_dist.training.train import build
 from tests.helpers import free_port, tiny_train_config
 
 BIN = Path(sys.executable).parent

@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cil_dist import checkpoint as ckpt
 from cil_dist.cli import main
 from cil_dist.config import TrainConfig
-from cil_dist.train import run_training
+from cil_dist.training import checkpoint as ckpt
+from cil_dist.training.train import run_training
 from tests.helpers import tiny_train_config
 
 

@@ -11,8 +11,8 @@ import textwrap
 
 import torch
 
-from cil_dist import signals
-from cil_dist.checkpoint import load_checkpoint, save_checkpoint
+from cil_dist.training import signals
+from cil_dist.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_a_signal_inside_the_block_reaches_its_handler_after_it():
@@ -58,7 +58,7 @@ def test_a_default_terminate_still_terminates_after_the_block():
     script = textwrap.dedent(
         """
         import os, signal
-        from cil_dist import signals
+        from cil_dist.training import signals
 
         with signals.deferred():
             os.kill(os.getpid(), signal.SIGTERM)

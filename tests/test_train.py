@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cil_dist import checkpoint as ckpt
-from cil_dist.checkpoint import CheckpointError
 from cil_dist.config import ConfigError
 from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
-from cil_dist.teacher import teacher_forward
-from cil_dist.train import build, run_training, stage_loss, train_one_epoch, train_step
+from cil_dist.training import checkpoint as ckpt
+from cil_dist.training.checkpoint import CheckpointError
+from cil_dist.training.teacher import teacher_forward
+from cil_dist.training.train import build, run_training, stage_loss, train_one_epoch, train_step
 from tests.helpers import run_ranks, tiny_train_config
 
 
@@ -187,7 +187,7 @@ def cpu_flags() -> set[str]:
 
 def test_auto_precision_picks_what_the_hardware_runs_natively():
     from cil_dist.config import PrecisionConfig
-    from cil_dist.precision import build_precision
+    from cil_dist.training.precision import build_precision
 
     # the kernel's word, not torch's: native bf16 on CPU is AVX512-BF16 or AMX-BF16
     native = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
@@ -245,7 +245,7 @@ def test_validation_curves_and_distillation_diagnostic_per_epoch(
 
 
 def test_distillation_diagnostic_counts_agreement_and_old_mass_at_unlabelled_pixels():
-    from cil_dist.validation import distill_metrics, distill_sums
+    from cil_dist.training.validation import distill_metrics, distill_sums
 
     teacher = torch.randn(2, 5, 4, 4)
     labels = torch.full((2, 4, 4), 255)

@@ -227,7 +227,7 @@ def one_shard_missing(shard_dir, tmp_path) -> str:
 def test_a_missing_shard_counts_once_with_its_samples(one_shard_missing, tmp_path, caplog):
     """Read again in later cycles by the worker that fills its quota, and by both workers:
     still one shard and its 3 samples."""
-    from cil_dist.train import build, log_epoch, train_one_epoch
+    from cil_dist.training.train import build, log_epoch, train_one_epoch
 
     cfg = tiny_train_config(one_shard_missing, tmp_path, stage=1)
     cfg.data.on_shard_error, cfg.data.num_workers = "skip", 2
@@ -243,7 +243,7 @@ def test_a_missing_shard_counts_once_with_its_samples(one_shard_missing, tmp_pat
 def _skipping_rank(rank: int, manifest: str, out: Path) -> None:
     """One rank of a 2-rank, 2-worker epoch with on_shard_error=skip; writes its stats."""
     from cil_dist.distributed import cleanup_distributed, init_distributed
-    from cil_dist.train import build, train_one_epoch
+    from cil_dist.training.train import build, train_one_epoch
 
     env = DistEnv.from_environment()
     init_distributed(env)

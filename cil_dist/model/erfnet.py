@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cil_dist.checkpoint import WeightsFileError, read_weights
+from cil_dist.training.checkpoint import WeightsFileError, read_weights
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from cil_dist.config import ConfigError, TrainConfig
 from cil_dist.data.manifest import ManifestError
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_eval_loader
 from cil_dist.distributed import DistEnv
+from cil_dist.evaluation.metrics import TaskSetEvaluator
 from cil_dist.labels import IGNORE
-from cil_dist.metrics import TaskSetEvaluator
-from cil_dist.precision import Precision
+from cil_dist.training.precision import Precision
 
 CSV_NAME = "metrics.csv"
 FIELDS = ("epoch", "step", "split", "name", "value")
@@ -142,7 +142,7 @@ class Validator:
         return bool(every) and (epoch % every == 0 or epoch == self.cfg.optim.epochs)
 
     def __call__(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        from cil_dist.evaluate import evaluate
+        from cil_dist.evaluation.evaluate import evaluate
 
         out = {}
         for split, loader in self.loaders.items():

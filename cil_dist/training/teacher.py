@@ -11,9 +11,9 @@ import logging
 
 import torch
 
-from cil_dist.checkpoint import CheckpointError, load_checkpoint, num_classes_of
 from cil_dist.model import ERFNet, load_state_dict_checked
-from cil_dist.precision import Precision
+from cil_dist.training.checkpoint import CheckpointError, load_checkpoint, num_classes_of
+from cil_dist.training.precision import Precision
 
 log = logging.getLogger(__name__)
 

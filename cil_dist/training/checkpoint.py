@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cil_dist import signals, storage
+from cil_dist import storage
+from cil_dist.training import signals
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cil_dist import checkpoint as ckpt
 from cil_dist.accel import require_apex
 from cil_dist.config import ConfigError, TrainConfig
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_train_loader
@@ -33,16 +32,27 @@ from cil_dist.distributed import (
     is_timeout,
 )
 from cil_dist.logs import setup_logging
-from cil_dist.losses import cross_entropy, finetune_loss, global_pixel_counts, incremental_loss
 from cil_dist.model import ERFNet, build_model
 from cil_dist.model.sync_batchnorm import convert_sync_batchnorm
-from cil_dist.optim import build_optimizer, poly_schedule
-from cil_dist.precision import Precision, build_precision
 from cil_dist.protocol import TaskProtocol
-from cil_dist.stage import StagePlan, plan_stage
 from cil_dist.storage import redact_url
-from cil_dist.teacher import init_from_previous, load_previous_state, load_teacher, teacher_forward
-from cil_dist.validation import MetricsLog, Validator, distill_metrics, distill_sums
+from cil_dist.training import checkpoint as ckpt
+from cil_dist.training.losses import (
+    cross_entropy,
+    finetune_loss,
+    global_pixel_counts,
+    incremental_loss,
+)
+from cil_dist.training.optim import build_optimizer, poly_schedule
+from cil_dist.training.precision import Precision, build_precision
+from cil_dist.training.stage import StagePlan, plan_stage
+from cil_dist.training.teacher import (
+    init_from_previous,
+    load_previous_state,
+    load_teacher,
+    teacher_forward,
+)
+from cil_dist.training.validation import MetricsLog, Validator, distill_metrics, distill_sums
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +93,8 @@ def stage_loss(plan: StagePlan, cfg: TrainConfig, logits, teacher_logits, labels
 
 def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv) -> torch.Tensor:
     """One optimiser step; returns the detached figures ``[total, ce, kd]`` plus, with a
-    teacher, the distillation diagnostic sums (:func:`cil_dist.validation.distill_sums`)."""
+    teacher, the distillation diagnostic sums (:func:`~cil_dist.training.validation.distill_sums`).
+    """
     memory = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     images, labels = parts.loader.to_device(batch, env.device, memory)
     parts.optimizer.zero_grad(set_to_none=True)
@@ -444,7 +455,7 @@ def train_stage(cfg: TrainConfig, env: DistEnv) -> Path:
     write_config(cfg, run_dir, env)  # only once the checkpoint fits this config
     final = fit(parts, cfg, env, run_dir)
     if cfg.eval.after_training:
-        from cil_dist.evaluate import evaluate_run
+        from cil_dist.evaluation.evaluate import evaluate_run
 
         evaluate_run(parts.bare_student, cfg, parts.plan, env, run_dir, parts.precision)
     return final

@@ -4,7 +4,7 @@ One column per run: the top panel shows the mIoU of every task set the run cover
 (``heldout`` by default) over the epochs (dotted: the teacher's final values), the bottom panel
 the training losses and, for an incremental stage, the distillation diagnostic (argmax
 agreement with the teacher and the old-class probability mass at unlabelled pixels; see
-:mod:`cil_dist.validation`).
+:mod:`cil_dist.training.validation`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from cil_dist.validation import CSV_NAME
+from cil_dist.training.validation import CSV_NAME
 
 Series = dict[str, list[tuple[int, float]]]
 

@@ -17,19 +17,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cil_dist.checkpoint import model_from_checkpoint
 from cil_dist.config import TrainConfig
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_eval_loader
 from cil_dist.distributed import DistEnv
-from cil_dist.metrics import (
+from cil_dist.evaluation.metrics import (
     TaskSetEvaluator,
     format_class_table,
     format_paper_table,
     upsample_logits,
 )
-from cil_dist.precision import Precision
+from cil_dist.evaluation.visualize import channels_to_label_ids
 from cil_dist.protocol import TaskProtocol
-from cil_dist.visualize import channels_to_label_ids
+from cil_dist.training.checkpoint import model_from_checkpoint
+from cil_dist.training.precision import Precision
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def evaluate_checkpoint(
     export: Path | None = None,
 ) -> dict[str, Any]:
     """``cil eval``: evaluate a checkpoint on a manifest split for the given task sets."""
-    from cil_dist.precision import build_precision
+    from cil_dist.training.precision import build_precision
 
     model, payload = model_from_checkpoint(path, env.device)
     protocol = (

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cil_dist.checkpoint import model_from_checkpoint
 from cil_dist.config import DataConfig
 from cil_dist.data.transforms import normalize
-from cil_dist.evaluate import json_safe
-from cil_dist.metrics import TaskSetEvaluator, restricted_prediction, upsample_logits
+from cil_dist.evaluation.evaluate import json_safe
+from cil_dist.evaluation.metrics import TaskSetEvaluator, restricted_prediction, upsample_logits
+from cil_dist.evaluation.visualize import colorize, overlay
 from cil_dist.protocol import TaskProtocol
-from cil_dist.visualize import colorize, overlay
+from cil_dist.training.checkpoint import model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
