@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import posixpath
@@ -28,6 +27,8 @@ from typing import IO, Any
 
 import fsspec
 import fsspec.asyn
+
+from cil_dist.digest import ContentDigest
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +233,11 @@ def read_bytes(url: str) -> bytes:
 
 def sha256_of(url: str) -> tuple[str, int]:
     """SHA-256 hex digest and size in bytes of a file or object (streamed, not downloaded)."""
-    digest, size = hashlib.sha256(), 0
+    content = ContentDigest()
     with open_stream(url) as stream:
         while chunk := stream.read(HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+            content.update(chunk)
+    return content.sha256, content.size
 
 
 def open_stream(url: str, offset: int = 0, size: int | None = None) -> IO[bytes]:

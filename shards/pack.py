@@ -48,6 +48,7 @@ from webdataset import TarWriter
 
 from cil_dist import labels, storage
 from cil_dist.data.manifest import VERSION, Manifest, ShardRecord, SplitRecord
+from cil_dist.digest import ContentDigest
 from cil_dist.protocol import CitySet, TaskProtocol
 
 log = logging.getLogger(__name__)
@@ -243,25 +244,23 @@ def sample_of(frame: Frame, job: ShardJob) -> dict:
 def write_shard(job: ShardJob, recipe: str, file: str) -> ShardRecord:
     """Pack one shard as ``file`` (runs in a worker process) and return its manifest record."""
     url = storage.join(job.out, file)
-    digest, size = hashlib.sha256(), 0
     with storage.open_for_write(url) as stream:
         hashing = _HashingWriter(stream)
         with TarWriter(hashing, mtime=0, user="cil", group="cil", mode=0o444) as writer:
             for frame in job.frames:
                 writer.write(sample_of(frame, job))
-        digest, size = hashing.digest, hashing.size
-    return ShardRecord(file, len(job.frames), size, digest.hexdigest(), recipe)
+    content = hashing.content
+    return ShardRecord(file, len(job.frames), content.size, content.sha256, recipe)
 
 
 class _HashingWriter:
     """Write-through wrapper that hashes and counts bytes."""
 
     def __init__(self, stream):
-        self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
+        self.stream, self.content = stream, ContentDigest()
 
     def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self.size += len(data)
+        self.content.update(data)
         return self.stream.write(data)
 
     def flush(self) -> None:

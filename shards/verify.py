@@ -17,7 +17,7 @@ def hash_stream(ref: ShardRef, policy: ReadPolicy) -> tuple[str, int]:
     hashing = HashingStream(ResumableStream(ref.url, policy), ref.url)
     with buffered(hashing) as stream:
         drain(stream)
-    return hashing.digest.hexdigest(), hashing.size
+    return hashing.content.sha256, hashing.content.size
 
 
 def check_shard(ref: ShardRef, policy: ReadPolicy | None = None) -> str | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import importlib
 import io
 import logging
@@ -31,6 +30,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 from cil_dist import storage
 from cil_dist.data.manifest import ShardRef
 from cil_dist.data.shardlist import ShardSlice
+from cil_dist.digest import ContentDigest
 from cil_dist.storage import redact_url
 
 log = logging.getLogger(__name__)
@@ -222,8 +222,7 @@ class HashingStream(io.RawIOBase):
         super().__init__()
         self.raw = raw
         self.url = url
-        self.digest = hashlib.sha256()
-        self.size = 0
+        self.content = ContentDigest()
 
     @property
     def name(self) -> str:  # shown by the buffered reader's repr in webdataset's tar errors
@@ -234,8 +233,7 @@ class HashingStream(io.RawIOBase):
 
     def readinto(self, buffer: memoryview) -> int:
         data = self.raw.read(len(buffer))
-        self.digest.update(data)
-        self.size += len(data)
+        self.content.update(data)
         buffer[: len(data)] = data
         return len(data)
 
@@ -333,15 +331,15 @@ def iter_shard(
         raise ShardChecksumError(
             ref.url, last_key, f"holds {count} samples, the manifest says {ref.samples}"
         )
-    if ref.bytes is not None and hashing.size != ref.bytes:
+    if ref.bytes is not None and hashing.content.size != ref.bytes:
         raise ShardChecksumError(
-            ref.url, last_key, f"is {hashing.size} bytes, the manifest says {ref.bytes}"
+            ref.url, last_key, f"is {hashing.content.size} bytes, the manifest says {ref.bytes}"
         )
-    if ref.sha256 and hashing.digest.hexdigest() != ref.sha256:
+    if ref.sha256 and hashing.content.sha256 != ref.sha256:
         raise ShardChecksumError(
             ref.url,
             last_key,
-            f"sha256 {hashing.digest.hexdigest()} does not match the manifest's {ref.sha256}",
+            f"sha256 {hashing.content.sha256} does not match the manifest's {ref.sha256}",
         )
 
 
