@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cil_dist.config import ConfigError, load_train_config
-from cil_dist.storage import redact_url
+from cil_dist.urls import redact_url
 
 log = logging.getLogger("cil")
 

@@ -136,7 +136,7 @@ def merge(
     An error in a source names ``where``; one in an override names it (``--set k=v`` with
     ``label="--set"``). Either way one line with the dotted key.
     """
-    from cil_dist.storage import redact_url  # an override may carry a URL with credentials
+    from cil_dist.urls import redact_url  # an override may carry a URL with credentials
 
     merged = _guarded(where, lambda: _merge_sources(schema, sources))
     for item in overrides or []:

@@ -18,8 +18,6 @@ import contextlib
 import functools
 import logging
 import os
-import posixpath
-import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -29,6 +27,7 @@ import fsspec
 import fsspec.asyn
 
 from cil_dist.digest import ContentDigest
+from cil_dist.urls import is_local, local_path, protocol_of, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +37,6 @@ S3_PROTOCOLS = ("s3", "s3a")
 READ_TIMEOUT = 60.0  # seconds without a byte before an http(s) read fails (then is retried)
 
 # scheme://[userinfo@]rest[?query][#fragment]: userinfo, query and fragment may carry secrets
-_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/\s@?#]*@)?(?P<rest>[^\s?#'\"]*)")
-_URL_TAIL = re.compile(r"[?#][^\s'\"]*?(?P<punct>[:;,.)\]]*)(?=[\s'\"]|$)")
 
 
 _loop_at_fork: list[Any] = [None]
@@ -85,56 +82,6 @@ def configure(options: StorageOptions | None = None, **changes: Any) -> StorageO
 def options() -> StorageOptions:
     """This process's storage options."""
     return _options
-
-
-def redact_url(text: str) -> str:
-    """``text`` with user info, query strings and fragments removed from every URL in it.
-
-    ``https://h/b/k.tar?X-Amz-Signature=…`` → ``https://h/b/k.tar``; ``s3://key:secret@b/k``
-    → ``s3://b/k``. Plain paths are returned unchanged.
-    """
-    if "://" not in text:
-        return text
-    out, pos = [], 0
-    for match in _URL.finditer(text):
-        out.append(text[pos : match.start()])
-        out.append(match.group("scheme") + match.group("rest"))
-        tail = _URL_TAIL.match(text, match.end())
-        if tail:  # drop the query/fragment, keep punctuation of the sentence after it
-            out.append(tail.group("punct"))
-        pos = tail.end() if tail else match.end()
-    out.append(text[pos:])
-    return "".join(out)
-
-
-def protocol_of(url: str) -> str:
-    """``"file"`` for plain paths, else the URL scheme (``s3``, ``https``, ``pipe``, …)."""
-    if url.startswith("pipe:"):
-        return "pipe"
-    return url.split("://", 1)[0].lower() if "://" in url else "file"
-
-
-def is_local(url: str) -> bool:
-    """True for plain paths and ``file://`` URLs."""
-    return "://" not in url or url.startswith("file://")
-
-
-def local_path(url: str) -> str:
-    return url[len("file://") :] if url.startswith("file://") else url
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path parts onto a local path or a URL."""
-    if is_local(base):
-        return os.path.join(local_path(base), *parts)
-    return posixpath.join(base, *parts)
-
-
-def parent(url: str) -> str:
-    """The folder holding ``url``."""
-    if is_local(url):
-        return os.path.dirname(os.path.abspath(local_path(url)))
-    return url.rsplit("/", 1)[0]
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

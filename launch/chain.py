@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from cil_dist import storage
+from cil_dist import urls
 from cil_dist.config import ConfigError, TrainConfig, load_train_config, merge
 from cil_dist.training import checkpoint as ckpt
 
@@ -127,7 +127,7 @@ def load_chain(path: str | Path, overrides: list[str] | None = None) -> ChainCon
 
 def chain_to_yaml(chain: ChainConfig) -> str:
     """The resolved chain, with pre-signed URLs and user info stripped (never saved)."""
-    return storage.redact_url(OmegaConf.to_yaml(OmegaConf.structured(chain)))
+    return urls.redact_url(OmegaConf.to_yaml(OmegaConf.structured(chain)))
 
 
 def resources_of(base: Resources, *layers: dict[str, Any], where: str) -> Resources:
@@ -163,8 +163,8 @@ def stage_train_config(
     }
     if chain.manifest:
         manifest = chain.manifest
-        if storage.is_local(manifest):  # jobs may start in another folder
-            manifest = str(Path(storage.local_path(manifest)).resolve())
+        if urls.is_local(manifest):  # jobs may start in another folder
+            manifest = str(Path(urls.local_path(manifest)).resolve())
         wiring["data"] = {"manifest": manifest}
     if spec.epochs:
         wiring["optim"] = {"epochs": spec.epochs}
@@ -175,8 +175,8 @@ def stage_train_config(
     except ConfigError as exc:
         raise ConfigError(f"stages.{name}: {exc}") from exc
     init = cfg.model.encoder_init
-    if init and storage.is_local(init):  # relative to where the chain is submitted
-        cfg.model.encoder_init = str(Path(storage.local_path(init)).resolve())
+    if init and urls.is_local(init):  # relative to where the chain is submitted
+        cfg.model.encoder_init = str(Path(urls.local_path(init)).resolve())
     return cfg
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from cil_dist import storage
+from cil_dist import storage, urls
 from cil_dist.config import ConfigError, TrainConfig, merge
 from cil_dist.training import checkpoint as ckpt
 from launch import state as st
@@ -108,7 +108,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
 
     found = configs.find("sweeps", str(path))
     sweep = merge(SweepConfig, str(found), overrides=overrides, where=str(found), label="--set")
-    if sweep.chain and storage.is_local(sweep.chain) and not Path(sweep.chain).is_absolute():
+    if sweep.chain and urls.is_local(sweep.chain) and not Path(sweep.chain).is_absolute():
         beside = Path(found).parent / sweep.chain  # a chain file next to the sweep file
         if beside.is_file():
             sweep.chain = str(beside.resolve())
@@ -321,7 +321,7 @@ def write_settings(sweep: SweepConfig, settings: list[Setting], run_dir: Path) -
     jobs' folders, so that the chain report reads it as any chain run)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "sweep.yaml").write_text(
-        storage.redact_url(OmegaConf.to_yaml(OmegaConf.structured(sweep)))
+        urls.redact_url(OmegaConf.to_yaml(OmegaConf.structured(sweep)))
     )
     record = {
         "name": sweep.name,

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from cil_dist import storage
+from cil_dist import storage, urls
 from cil_dist.config import ConfigError
 from cil_dist.data.manifest import Manifest, ManifestError
 from cil_dist.data.pipeline import storage_options
@@ -38,7 +38,7 @@ class ChainError(ValueError):
     """The chain cannot run; ``problems`` lists every reason."""
 
     def __init__(self, source: str, problems: list[str]):
-        self.problems = [storage.redact_url(p) for p in problems]  # URLs without credentials
+        self.problems = [urls.redact_url(p) for p in problems]  # URLs without credentials
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source}: {len(problems)} problem(s), nothing submitted:\n{lines}")
 
@@ -117,7 +117,7 @@ def data_problems(jobs: dict[str, JobSpec], plans: dict[str, StagePlan]) -> list
                 manifests[url] = Manifest.load(url)
             except (ManifestError, OSError) as exc:
                 manifests[url] = None
-                problems.append(f"{name}: data.manifest: {storage.redact_url(str(exc))}")
+                problems.append(f"{name}: data.manifest: {urls.redact_url(str(exc))}")
                 continue
             problems += shard_file_problems(url, manifests[url])
         manifest = manifests[url]
@@ -131,7 +131,7 @@ def data_problems(jobs: dict[str, JobSpec], plans: dict[str, StagePlan]) -> list
             if split not in manifest.splits:
                 key = "eval.splits: " if split in curves and split not in needed else ""
                 problems.append(
-                    f"{name}: {key}split {split!r} is not in {storage.redact_url(url)} "
+                    f"{name}: {key}split {split!r} is not in {urls.redact_url(url)} "
                     f"(it has {', '.join(manifest.splits)})"
                 )
         if job.kind == "train" and needed and all(s in manifest.splits for s in needed):
@@ -160,15 +160,15 @@ def shard_file_problems(url: str, manifest: Manifest) -> list[str]:
     missing = []
     for split in manifest.splits.values():
         for index, shard in enumerate(split.shards):
-            target = storage.join(storage.parent(url), shard.file)
-            if storage.is_local(target):
-                if not Path(storage.local_path(target)).is_file():
+            target = urls.join(urls.parent(url), shard.file)
+            if urls.is_local(target):
+                if not Path(urls.local_path(target)).is_file():
                     missing.append(shard.file)
             elif index == 0 and storage.check_readable(target):
                 missing.append(shard.file)
     if not missing:
         return []
-    shown = storage.redact_url(url)
+    shown = urls.redact_url(url)
     return [
         f"data.manifest: {shown} lists {len(missing)} missing or unreadable shard(s): "
         + ", ".join(missing[:5])

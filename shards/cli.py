@@ -17,6 +17,7 @@ import argparse
 import logging
 import sys
 
+from cil_dist import urls
 from cil_dist.logs import setup_logging
 
 log = logging.getLogger("cil-shards")
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands.run(args)
     except (ValueError, OSError, RuntimeError, *TRANSIENT) as exc:  # TRANSIENT: transport errors
-        log.error("%s", storage.redact_url(str(exc)))  # an fsspec error may quote a signed URL
+        log.error("%s", urls.redact_url(str(exc)))  # an fsspec error may quote a signed URL
         return 2
 
 

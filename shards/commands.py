@@ -7,7 +7,7 @@ import logging
 
 from cil_dist.data.manifest import Manifest
 from cil_dist.protocol import TaskProtocol
-from cil_dist.storage import redact_url
+from cil_dist.urls import redact_url
 from shards.verify import verify_manifest
 
 log = logging.getLogger("cil-shards")

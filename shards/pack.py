@@ -46,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from cil_dist import labels, storage
+from cil_dist import labels, storage, urls
 from cil_dist.data.manifest import VERSION, Manifest, ShardRecord, SplitRecord
 from cil_dist.digest import ContentDigest
 from cil_dist.protocol import CitySet, TaskProtocol
@@ -243,7 +243,7 @@ def sample_of(frame: Frame, job: ShardJob) -> dict:
 
 def write_shard(job: ShardJob, recipe: str, file: str) -> ShardRecord:
     """Pack one shard as ``file`` (runs in a worker process) and return its manifest record."""
-    url = storage.join(job.out, file)
+    url = urls.join(job.out, file)
     with storage.open_for_write(url) as stream:
         hashing = _HashingWriter(stream)
         with TarWriter(hashing, mtime=0, user="cil", group="cil", mode=0o444) as writer:
@@ -276,7 +276,7 @@ def pack_job(task: ShardTask) -> tuple[ShardRecord, bool]:
     job, previous = task.job, task.previous
     recipe = recipe_of(job)
     if previous is not None and previous.recipe == recipe:
-        url = storage.join(job.out, previous.file)
+        url = urls.join(job.out, previous.file)
         if storage.exists(url) and storage.sha256_of(url) == (previous.sha256, previous.bytes):
             return previous, False
     file = shard_file(job.set_name, job.index, recipe) if task.plain_taken else job.file
@@ -286,13 +286,13 @@ def pack_job(task: ShardTask) -> tuple[ShardRecord, bool]:
 def previous_pack(out: str) -> PreviousPack:
     """The shards of an existing manifest in ``out`` (empty if none or unreadable)."""
     empty = PreviousPack({}, frozenset(), frozenset())
-    url = storage.join(out, "manifest.json")
+    url = urls.join(out, "manifest.json")
     if not storage.exists(url):
         return empty
     try:
         manifest = Manifest.load(url)
     except ValueError as exc:
-        log.warning("ignoring unreadable previous manifest %s: %s", storage.redact_url(url), exc)
+        log.warning("ignoring unreadable previous manifest %s: %s", urls.redact_url(url), exc)
         return empty
     records = {}
     for set_name, split in manifest.splits.items():
@@ -372,7 +372,7 @@ def remove_unreferenced(out: str, set_names: set[str], keep: set[str]) -> int:
     removed = 0
     for set_name in sorted(set_names):
         pattern = shard_name_pattern(set_name)
-        fs, folder = storage.filesystem(storage.join(out, set_name))
+        fs, folder = storage.filesystem(urls.join(out, set_name))
         for name in listing(fs, folder.rstrip("/")):
             if is_leftover(name, pattern) and f"{set_name}/{name}" not in keep:
                 fs.rm_file(f"{folder.rstrip('/')}/{name}")
@@ -476,7 +476,7 @@ def pack(
         task_config=protocol.to_dict(),
         splits=splits,
     )
-    manifest_url = storage.join(out, "manifest.json")
+    manifest_url = urls.join(out, "manifest.json")
     manifest.save(manifest_url)  # after the shards, in one step: the switch to the new dataset
     manifest.url = manifest_url
     keep = {shard.file for record in splits.values() for shard in record.shards}
@@ -490,7 +490,7 @@ def pack(
         len(jobs) - written,
         removed,
         sum(len(j.frames) for j in jobs),
-        storage.redact_url(out),
+        urls.redact_url(out),
         seconds,
     )
     return PackResult(manifest, manifest_url, written, len(jobs) - written, seconds)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cil_dist.data.manifest import Manifest, ShardRef
 from cil_dist.data.reading import HashingStream, ReadPolicy, ResumableStream, buffered, drain
-from cil_dist.storage import redact_url
+from cil_dist.urls import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import boto3
 import pytest
 import torch
 
-from cil_dist import storage
+from cil_dist import storage, urls
 from cil_dist.data.manifest import Manifest
 from cil_dist.data.pipeline import ShardSource, build_eval_loader, build_train_loader
 from cil_dist.data.reading import ShardChecksumError, ShardReadError
@@ -97,13 +97,13 @@ def s3_config(endpoint: str, workers: int = 2, **kw) -> object:
 # ---------------------------------------------------------------------------------- helpers
 def test_redact_url_strips_secrets_but_keeps_the_object():
     signed = "https://h:9000/b/task1-000001.tar?X-Amz-Credential=K%2F1&X-Amz-Signature=abc"
-    assert storage.redact_url(signed) == "https://h:9000/b/task1-000001.tar"
-    assert storage.redact_url("s3://key:secret@bucket/a.tar") == "s3://bucket/a.tar"
+    assert urls.redact_url(signed) == "https://h:9000/b/task1-000001.tar"
+    assert urls.redact_url("s3://key:secret@bucket/a.tar") == "s3://bucket/a.tar"
     text = f"shard {signed}: reset (after 'k'); see http://u:p@x/y#frag"
-    assert storage.redact_url(text) == "shard https://h:9000/b/task1-000001.tar: reset " + (
+    assert urls.redact_url(text) == "shard https://h:9000/b/task1-000001.tar: reset " + (
         "(after 'k'); see http://x/y"
     )
-    assert storage.redact_url("/data/shards/a.tar") == "/data/shards/a.tar"
+    assert urls.redact_url("/data/shards/a.tar") == "/data/shards/a.tar"
 
 
 # ------------------------------------------------------------------------- pack and verify

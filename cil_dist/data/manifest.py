@@ -26,7 +26,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cil_dist import __version__, storage
+from cil_dist import __version__, storage, urls
 
 FORMAT = "cil-dist-shards"
 VERSION = 1
@@ -111,7 +111,7 @@ class Manifest:
             "version": VERSION,
             "resolution": list(self.resolution),
             "image_format": self.image_format,
-            "source": storage.redact_url(self.source),
+            "source": urls.redact_url(self.source),
             "created": self.created or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "tool": self.tool,
             "task_config": self.task_config,
@@ -132,7 +132,7 @@ class Manifest:
     @classmethod
     def load(cls, url: str) -> Manifest:
         """Read and validate a manifest from a path or URL."""
-        shown = storage.redact_url(url)
+        shown = urls.redact_url(url)
         try:
             raw = json.loads(storage.read_bytes(url))
         except FileNotFoundError:
@@ -140,14 +140,14 @@ class Manifest:
         except ImportError as exc:
             raise ManifestError(str(exc)) from None
         except Exception as exc:  # OSError, bad JSON, or a transport library's own errors
-            reason = storage.redact_url(f"{type(exc).__name__}: {exc}")
+            reason = urls.redact_url(f"{type(exc).__name__}: {exc}")
             # from None: the transport's own error may hold the URL with its credentials
             raise ManifestError(f"{shown}: cannot read manifest: {reason}") from None
         return cls.from_dict(raw, url)
 
     @classmethod
     def from_dict(cls, raw: Any, url: str = "<dict>") -> Manifest:
-        shown = storage.redact_url(url)
+        shown = urls.redact_url(url)
 
         def need(mapping: dict, key: str, where: str) -> Any:
             if not isinstance(mapping, dict) or key not in mapping:
@@ -201,16 +201,14 @@ class Manifest:
         names = [split_names] if isinstance(split_names, str) else list(split_names)
         missing = [n for n in names if n not in self.splits]
         if missing:
-            where = storage.redact_url(self.url) or "manifest"
+            where = urls.redact_url(self.url) or "manifest"
             raise ManifestError(f"{where}: no split(s) {missing}; it has {sorted(self.splits)}")
-        base = storage.parent(self.url) if self.url else ""
+        base = urls.parent(self.url) if self.url else ""
         refs = []
         for name in names:
             for shard in self.splits[name].shards:
                 refs.append(
-                    ShardRef(
-                        storage.join(base, shard.file), shard.samples, shard.sha256, shard.bytes
-                    )
+                    ShardRef(urls.join(base, shard.file), shard.samples, shard.sha256, shard.bytes)
                 )
         return refs
 

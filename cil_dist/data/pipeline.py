@@ -43,7 +43,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as shuffle_filter
 
-from cil_dist import storage
+from cil_dist import storage, urls
 from cil_dist.config import ConfigError, DataConfig
 from cil_dist.data.manifest import Manifest, ShardRef
 from cil_dist.data.reading import ReadPolicy, ShardReadError, iter_slice
@@ -75,7 +75,7 @@ class ShardSource:
     def from_manifest(cls, url: str, splits: list[str] | tuple[str, ...] | str) -> ShardSource:
         manifest = Manifest.load(url)
         names = [splits] if isinstance(splits, str) else list(splits)
-        shown = storage.redact_url(url)
+        shown = urls.redact_url(url)
         return cls(tuple(manifest.shard_refs(names)), f"{shown} [{'+'.join(names)}]")
 
     @classmethod

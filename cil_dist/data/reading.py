@@ -27,11 +27,11 @@ from typing import IO, Any
 
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from cil_dist import storage
+from cil_dist import storage, urls
 from cil_dist.data.manifest import ShardRef
 from cil_dist.data.shardlist import ShardSlice
 from cil_dist.digest import ContentDigest
-from cil_dist.storage import redact_url
+from cil_dist.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class ReadPolicy:
 
 
 def one_line(text: str) -> str:
-    """``text`` redacted (:func:`cil_dist.storage.redact_url`) and on one line, without the
+    """``text`` redacted (:func:`cil_dist.urls.redact_url`) and on one line, without the
     ``@ <stream repr>`` that webdataset appends to tar errors (the shard is named anyway)."""
     return " ".join(_STREAM_REPR.sub("", redact_url(text)).split())
 
@@ -252,7 +252,7 @@ def buffered(stream: HashingStream) -> io.BufferedReader:
     """Big reads underneath the tar reader's 10 KiB records: one transport call per MiB (or per
     ranged block of an object store, if ``block_size`` is smaller)."""
     size = READ_BUFFER
-    if storage.protocol_of(stream.url) not in ("file", "pipe", "http", "https"):
+    if urls.protocol_of(stream.url) not in ("file", "pipe", "http", "https"):
         size = min(size, storage.options().block_size)
     return io.BufferedReader(stream, buffer_size=size)
 
@@ -268,7 +268,7 @@ def open_shard(url: str, policy: ReadPolicy | None = None, size: int | None = No
     ``size`` makes an early end of a remote stream a retried failure; a short local file or
     ``pipe:`` output is what it is, and reported as truncated.
     """
-    remote = storage.protocol_of(url) not in ("file", "pipe")
+    remote = urls.protocol_of(url) not in ("file", "pipe")
     if not remote:
         return ResumableStream(url, policy or ReadPolicy())
     opener = functools.partial(storage.open_stream, size=size)

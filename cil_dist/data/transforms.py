@@ -24,7 +24,7 @@ from PIL import Image, ImageEnhance
 from cil_dist import labels
 from cil_dist.config import AugmentConfig
 from cil_dist.labels import IGNORE
-from cil_dist.storage import redact_url
+from cil_dist.urls import redact_url
 
 try:  # optional accelerator (extra "fast"): libspng PNG decoding
     import pyspng

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cil_dist import storage
+from cil_dist import storage, urls
 from cil_dist.training import signals
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,10 @@ def read_weights(path: str, lazy: bool = False) -> Any:
     """``torch.load(weights_only=True)`` of a local file or an object-storage URL; ``lazy``
     maps a local file instead of reading its tensors. :class:`WeightsFileError` names the file
     (redacted) and why it does not load (never PyTorch's ``weights_only=False`` advice)."""
-    shown = storage.redact_url(path)
+    shown = urls.redact_url(path)
     try:
-        if storage.is_local(path):
-            local = storage.local_path(path)
+        if urls.is_local(path):
+            local = urls.local_path(path)
             return torch.load(local, map_location="cpu", weights_only=True, mmap=lazy)
         stream = io.BytesIO(storage.read_bytes(path))
         return torch.load(stream, map_location="cpu", weights_only=True)
@@ -118,7 +118,7 @@ def load_checkpoint(path: str | Path, lazy: bool = False) -> dict[str, Any]:
     """Load a cil-dist checkpoint, or a plain model state dict (published reference weights)."""
     path = str(path)
     if not storage.exists(path):
-        raise CheckpointError(f"{storage.redact_url(path)}: checkpoint not found")
+        raise CheckpointError(f"{urls.redact_url(path)}: checkpoint not found")
     try:
         payload = read_weights(path, lazy)
     except WeightsFileError as exc:

@@ -35,7 +35,6 @@ from cil_dist.logs import setup_logging
 from cil_dist.model import ERFNet, build_model
 from cil_dist.model.sync_batchnorm import convert_sync_batchnorm
 from cil_dist.protocol import TaskProtocol
-from cil_dist.storage import redact_url
 from cil_dist.training import checkpoint as ckpt
 from cil_dist.training.losses import (
     cross_entropy,
@@ -53,6 +52,7 @@ from cil_dist.training.teacher import (
     teacher_forward,
 )
 from cil_dist.training.validation import MetricsLog, Validator, distill_metrics, distill_sums
+from cil_dist.urls import redact_url
 
 log = logging.getLogger(__name__)
 
