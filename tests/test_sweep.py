@@ -112,7 +112,7 @@ def test_bad_sweeps_are_refused_naming_the_entry(tmp_path, manifest_path):
     [line] = [p for p in caught.value.problems if "data.batch_size" in p]
     assert line.startswith("setting 01 (s2/data.batch_size=64): ") and "s2" in line
     assert "setting 00" not in str(caught.value)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "chain.json").exists()
     # the CLI: exit 2, nothing submitted
     argv = ["sweep", str(path), "--out", str(tmp_path / "r"), "--set", "select.metric=acc"]
     assert launch_main(argv) == 2
