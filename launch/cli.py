@@ -21,15 +21,23 @@ from pathlib import Path
 log = logging.getLogger("cil-launch")
 
 
+def run_options(command: argparse.ArgumentParser, what: str, folder: str) -> None:
+    """The options ``submit`` and ``sweep`` share."""
+    command.add_argument("--out", required=True, help=folder)
+    command.add_argument("--executor", default="local", choices=("slurm", "local", "debug"))
+    command.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides")
+    command.add_argument("--wait", action="store_true", help=f"slurm: block until the {what} ends")
+    command.add_argument(
+        "--max-parallel", type=int, default=1, help="local: jobs running at once (default 1)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cil-launch", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     submit = sub.add_parser("submit", help="validate and submit (or resume) a chain")
     submit.add_argument("chain", help="configs/chains/*.yaml or a shipped chain name")
-    submit.add_argument("--out", required=True, help="run folder (chain.json, stages, logs)")
-    submit.add_argument("--executor", default="local", choices=("slurm", "local", "debug"))
-    submit.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides")
-    submit.add_argument("--wait", action="store_true", help="slurm: block until the chain ends")
+    run_options(submit, "chain", "run folder (chain.json, stages, logs)")
     submit.add_argument(
         "--seeds",
         type=int,
@@ -39,10 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep = sub.add_parser("sweep", help="run a chain under many settings, shared jobs once")
     sweep.add_argument("sweep", help="configs/sweeps/*.yaml or a shipped sweep name")
-    sweep.add_argument("--out", required=True, help="sweep folder (sweep.md, jobs, settings)")
-    sweep.add_argument("--executor", default="local", choices=("slurm", "local", "debug"))
-    sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides")
-    sweep.add_argument("--wait", action="store_true", help="slurm: block until the sweep ends")
+    run_options(sweep, "sweep", "sweep folder (sweep.md, jobs, settings)")
     sweep.add_argument(
         "--max-jobs",
         type=int,
@@ -51,10 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="slurm: at most N of the sweep's jobs in the queue at once (this command stays "
         "and submits the rest as jobs leave the queue; default: all at once)",
     )
-    for command in (submit, sweep):
-        command.add_argument(
-            "--max-parallel", type=int, default=1, help="local: jobs running at once (default 1)"
-        )
     for name, text in (
         ("status", "states, failures and logs"),
         ("cancel", "cancel all"),
