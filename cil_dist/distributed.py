@@ -74,9 +74,12 @@ class CollectiveTimeout(RuntimeError):
 
 
 def is_timeout(exc: BaseException) -> bool:
-    """Whether ``exc`` is gloo's (or the store's) error for a collective that timed out."""
+    """Whether ``exc`` is gloo's (or the store's) error for a collective that timed out: gloo
+    says "Timed out waiting …", "Socket Timeout" or, when the timeout closes the connection in
+    the middle of a transfer, "Application timeout caused pair closure"."""
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("timed out" in text or "socket timeout" in text)
+    found = ("timed out", "socket timeout", "application timeout")
+    return isinstance(exc, RuntimeError) and any(phrase in text for phrase in found)
 
 
 def init_distributed(env: DistEnv, timeout_s: float | None = None) -> None:

@@ -83,3 +83,19 @@ def test_a_timeout_that_is_not_positive_is_refused(manifest_path, tmp_path, valu
     cfg.dist.timeout_s = value
     with pytest.raises(ConfigError, match=r"dist\.timeout_s: must be > 0"):
         build(cfg, DistEnv())
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[gloo/transport/tcp/pair.cc:534] Timed out waiting 5000ms for recv operation to complete",
+        "Socket Timeout",
+        "Application timeout caused pair closure",  # the timeout hit mid-transfer
+    ],
+)
+def test_every_form_of_gloo_timeout_is_recognised(message):
+    from cil_dist.distributed import is_timeout
+
+    assert is_timeout(RuntimeError(message))
+    assert not is_timeout(RuntimeError("Connection closed by peer"))
+    assert not is_timeout(ValueError(message))
