@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -97,6 +99,26 @@ def init_distributed(env: DistEnv, timeout_s: float | None = None) -> None:
     if env.distributed and not dist.is_initialized():
         timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
         dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size, **timeout)
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, timeout_s: float) -> Iterator[None]:
+    """Join the process group for the block (``timeout_s``: ``dist.timeout_s``) and leave it
+    afterwards; a collective that times out inside ends as one :class:`CollectiveTimeout`."""
+    try:
+        init_distributed(env, timeout_s)  # the rendezvous waits for the others as long
+        yield
+    except RuntimeError as exc:
+        if env.distributed and is_timeout(exc):
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "timeout"
+            raise CollectiveTimeout(
+                f"rank {env.rank}: another rank did not answer within dist.timeout_s = "
+                f"{timeout_s:g} s (hung, dead or slower than the timeout allows); "
+                f"stopping (last checkpoint intact): {first}"
+            ) from exc
+        raise
+    finally:
+        cleanup_distributed()
 
 
 def cleanup_distributed() -> None:

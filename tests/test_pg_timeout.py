@@ -99,3 +99,26 @@ def test_every_form_of_gloo_timeout_is_recognised(message):
     assert is_timeout(RuntimeError(message))
     assert not is_timeout(RuntimeError("Connection closed by peer"))
     assert not is_timeout(ValueError(message))
+
+
+def test_cil_eval_gives_up_on_a_missing_rank_after_dist_timeout(manifest_path, tmp_path):
+    from cil_dist.training.train import run_training
+
+    final = run_training(tiny_train_config(manifest_path, tmp_path, name="s1", stage=1))
+    env = dict(
+        os.environ,
+        RANK="0",
+        WORLD_SIZE="2",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        OMP_NUM_THREADS="1",
+    )  # rank 1 never comes
+    command = [BIN / "cil", "eval", "--checkpoint", final, "--set", f"dist.timeout_s={TIMEOUT_S}"]
+    started = time.monotonic()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    waited = time.monotonic() - started
+    assert done.returncode != 0
+    assert f"dist.timeout_s = {TIMEOUT_S} s" in done.stderr.strip().splitlines()[-1], done.stderr
+    assert waited <= TIMEOUT_S + MARGIN_S + 15  # + the CLI's start-up

@@ -158,13 +158,10 @@ def run_evaluation(
     export: Path | None = None,
 ) -> dict[str, Any]:
     """Entry point of an evaluation in this process (plain, torchrun or a submitit task)."""
-    from cil_dist.distributed import cleanup_distributed, init_distributed
+    from cil_dist.distributed import process_group
     from cil_dist.logs import setup_logging
 
     env = DistEnv.from_environment()
     setup_logging(env.rank)
-    init_distributed(env)
-    try:
+    with process_group(env, cfg.dist.timeout_s):  # the run's dist.timeout_s, as in training
         return evaluate_checkpoint(path, cfg, env, task_sets, split, out, export)
-    finally:
-        cleanup_distributed()

@@ -22,15 +22,7 @@ from cil_dist.accel import require_apex
 from cil_dist.config import ConfigError, TrainConfig
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_train_loader
 from cil_dist.data.shardlist import derive_seed
-from cil_dist.distributed import (
-    CollectiveTimeout,
-    DistEnv,
-    all_reduce_sum,
-    barrier,
-    cleanup_distributed,
-    init_distributed,
-    is_timeout,
-)
+from cil_dist.distributed import DistEnv, all_reduce_sum, barrier, process_group
 from cil_dist.logs import setup_logging
 from cil_dist.model import ERFNet, build_model
 from cil_dist.model.sync_batchnorm import convert_sync_batchnorm
@@ -466,22 +458,5 @@ def run_training(cfg: TrainConfig) -> Path:
     env = DistEnv.from_environment()
     setup_logging(env.rank)
     cfg.validate()
-    init_distributed(env, cfg.dist.timeout_s)
-    try:
+    with process_group(env, cfg.dist.timeout_s):
         return train_stage(cfg, env)
-    except RuntimeError as exc:
-        if env.distributed and is_timeout(exc):
-            raise timed_out(exc, cfg, env) from exc
-        raise
-    finally:
-        cleanup_distributed()
-
-
-def timed_out(exc: RuntimeError, cfg: TrainConfig, env: DistEnv) -> CollectiveTimeout:
-    """The error of a collective that waited longer than ``dist.timeout_s``."""
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return CollectiveTimeout(
-        f"rank {env.rank}: another rank did not answer within dist.timeout_s = "
-        f"{cfg.dist.timeout_s:g} s (hung, dead or slower than the timeout allows); "
-        f"stopping (last checkpoint intact): {first}"
-    )
