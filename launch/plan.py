@@ -15,29 +15,35 @@ from launch.monitor import refresh
 log = logging.getLogger(__name__)
 
 
-def topological(jobs: dict[str, JobSpec]) -> list[str]:
-    """Job names with every job after the jobs it depends on (config order otherwise)."""
+def in_dependency_order(depends_on: dict[str, list[str]]) -> list[str]:
+    """Names with each after the names it depends on (the given order otherwise)."""
     order: list[str] = []
 
     def visit(name: str) -> None:
         if name not in order:
-            for dep in jobs[name].depends_on:
+            for dep in depends_on[name]:
                 visit(dep)
             order.append(name)
 
-    for name in jobs:
+    for name in depends_on:
         visit(name)
     return order
+
+
+def topological(jobs: dict[str, JobSpec]) -> list[str]:
+    """Job names with every job after the jobs it depends on (config order otherwise)."""
+    return in_dependency_order({name: job.depends_on for name, job in jobs.items()})
 
 
 def launch_order(jobs: dict[str, JobSpec]) -> list[str]:
     """Job names, those with the most jobs waiting on them (directly or not) first, topological
     order among equals: with few slots, a long chain of stages starts before a lone last stage."""
+    order = topological(jobs)
     dependents: dict[str, set[str]] = {name: set() for name in jobs}
-    for name in reversed(topological(jobs)):  # dependents before the jobs they depend on
+    for name in reversed(order):  # dependents before the jobs they depend on
         for dep in jobs[name].depends_on:
             dependents[dep] |= {name} | dependents[name]
-    rank = {name: index for index, name in enumerate(topological(jobs))}
+    rank = {name: index for index, name in enumerate(order)}
     return sorted(jobs, key=lambda name: (-len(dependents[name]), rank[name]))
 
 

@@ -20,12 +20,14 @@ submission, SLURM dependencies), :mod:`launch.local_driver` (the local driver) a
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from launch import procs
 from launch import state as st
-from launch.chain import ChainConfig, chain_to_yaml
+from launch.chain import ChainConfig, JobSpec, chain_to_yaml
 from launch.dispatch import submit_slurm
 from launch.local_driver import run_locally
 from launch.plan import prepare_state
@@ -44,12 +46,27 @@ def submit_chain(
     """Validate, then submit (SLURM) or run (local/debug) every unfinished job of the chain."""
     run_dir = run_dir.resolve()
     jobs = validate_chain(chain, run_dir, executor, source)
+    record = functools.partial((run_dir / "chain.yaml").write_text, chain_to_yaml(chain))
+    return run_jobs(chain.name, jobs, run_dir, executor, record, max_parallel)
+
+
+def run_jobs(
+    name: str,
+    jobs: dict[str, JobSpec],
+    run_dir: Path,
+    executor: str,
+    record: Callable[[], object],
+    max_parallel: int = 1,
+    max_jobs: int = 0,
+) -> st.ChainState:
+    """Every unfinished job of a validated chain or sweep: submitted (SLURM) or run here;
+    ``record`` writes what the run folder keeps of its config once the state is prepared."""
     refuse_live_driver(run_dir)
     st.cancel_marker(run_dir).unlink(missing_ok=True)
-    chain_state = prepare_state(chain.name, run_dir, executor, jobs)
-    (run_dir / "chain.yaml").write_text(chain_to_yaml(chain))
+    chain_state = prepare_state(name, run_dir, executor, jobs)
+    record()
     if executor == "slurm":
-        submit_slurm(chain_state, jobs, run_dir)
+        submit_slurm(chain_state, jobs, run_dir, max_jobs)
     else:
         run_locally(chain_state, jobs, run_dir, executor, max_parallel)
     return chain_state

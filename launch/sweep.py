@@ -24,6 +24,7 @@ Sweep folder layout::
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -48,10 +49,8 @@ from launch.chain import (
     load_chain,
     stage_train_config,
 )
-from launch.dispatch import submit_slurm
-from launch.local_driver import run_locally
-from launch.plan import prepare_state
-from launch.submit import refuse_live_driver
+from launch.plan import in_dependency_order
+from launch.submit import run_jobs
 from launch.validate import ChainError, validate_chain
 
 log = logging.getLogger(__name__)
@@ -96,10 +95,15 @@ class Setting:
         return f"{self.index:02d}"
 
     @property
+    def without_seed(self) -> dict[str, Any]:
+        """The overrides but the seed: settings that differ only by it are averaged."""
+        return {k: v for k, v in self.overrides.items() if k.split("/")[-1] != "seed"}
+
+    @property
     def group(self) -> str:
-        """The setting without its seed: seeds of one group are averaged."""
-        rest = {k: v for k, v in self.overrides.items() if k.split("/")[-1] != "seed"}
-        return ", ".join(f"{k}={json.dumps(v)}" for k, v in rest.items()) or "(base chain)"
+        """The name of :attr:`without_seed`."""
+        shown = [f"{k}={json.dumps(v)}" for k, v in self.without_seed.items()]
+        return ", ".join(shown) or "(base chain)"
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
@@ -245,7 +249,8 @@ def name_jobs(setting: Setting, run_dir: Path, digests: dict[str, str]) -> None:
     """Give every stage and evaluation of the setting its job name (NAME-DIGEST)."""
     chain, names = setting.chain, setting.job_names
     own: dict[str, str] = {}
-    for name in topological_stages(chain):
+    teachers = {name: [spec.teacher] if spec.teacher else [] for name, spec in chain.stages.items()}
+    for name in in_dependency_order(teachers):
         spec = chain.stages[name]
         train = stage_train_config(chain, name, run_dir, names)
         data = digests.setdefault(train.data.manifest, manifest_digest(train.data.manifest))
@@ -255,21 +260,6 @@ def name_jobs(setting: Setting, run_dir: Path, digests: dict[str, str]) -> None:
         what = [own[spec.stage], spec.split, spec.task_sets, spec.export_predictions]
         digest = hashlib.sha256(json.dumps(what).encode()).hexdigest()
         names[name] = f"{name}-{digest[:10]}"
-
-
-def topological_stages(chain: ChainConfig) -> list[str]:
-    order: list[str] = []
-
-    def visit(name: str) -> None:
-        if name not in order:
-            teacher = chain.stages[name].teacher
-            if teacher:
-                visit(teacher)
-            order.append(name)
-
-    for name in chain.stages:
-        visit(name)
-    return order
 
 
 def expand_sweep(
@@ -358,10 +348,6 @@ def submit_sweep(
     that has not finished; re-running it resumes the sweep."""
     run_dir = run_dir.resolve()
     settings, jobs = expand_sweep(sweep, run_dir, executor, source)
-    refuse_live_driver(run_dir)
-    st.cancel_marker(run_dir).unlink(missing_ok=True)
-    chain_state = prepare_state(sweep.name, run_dir, executor, jobs)
-    write_settings(sweep, settings, run_dir)
     trained = sum(1 for job in jobs.values() if job.kind == "train")
     log.info(
         "sweep %s: %d settings, %d distinct jobs (%d training)",
@@ -370,10 +356,8 @@ def submit_sweep(
         len(jobs),
         trained,
     )
-    if executor == "slurm":
-        submit_slurm(chain_state, jobs, run_dir, max_jobs)
-    else:
-        run_locally(chain_state, jobs, run_dir, executor, max_parallel)
+    record = functools.partial(write_settings, sweep, settings, run_dir)
+    chain_state = run_jobs(sweep.name, jobs, run_dir, executor, record, max_parallel, max_jobs)
     return settings, chain_state
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cil_dist.evaluation.metrics import task_set_title
+from cil_dist.evaluation.metrics import format_paper_table, task_set_title
 from cil_dist.protocol import TaskProtocol
 from launch.chain import ChainConfig
 from launch.report import write_report
@@ -37,8 +37,8 @@ class Group:
 def groups_of(settings: list[Setting]) -> list[Group]:
     found: dict[str, Group] = {}
     for setting in settings:
-        rest = {k: v for k, v in setting.overrides.items() if k.split("/")[-1] != "seed"}
-        found.setdefault(setting.group, Group(setting.group, rest)).settings.append(setting)
+        group = found.setdefault(setting.group, Group(setting.group, setting.without_seed))
+        group.settings.append(setting)
     return list(found.values())
 
 
@@ -49,8 +49,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, statistics.stdev(known) if len(known) > 1 else math.nan
 
 
-def cell(values: list[float]) -> str:
-    mean, std = mean_std(values)
+def cell(values: list[float] | None) -> str:
+    """Mean ± std (%) of one table cell over seeds."""
+    mean, std = mean_std(values or [])
     if math.isnan(mean):
         return "–"
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if not math.isnan(std) else "")
@@ -118,14 +119,11 @@ def best_row(rows: list[Row]) -> Row | None:
 
 def mean_table(settings: list[Setting], run_dir: Path, task_sets: list[str]) -> str:
     """The chain's report table with mean ± std over ``settings`` in every cell."""
-    chain = settings[0].chain
-    lines = ["| model | " + " | ".join(task_set_title(s) for s in task_sets) + " |"]
-    lines.append("|---" * (len(task_sets) + 1) + "|")
-    for label, evaluation in chain.report.items():
+    rows = {}
+    for label, evaluation in settings[0].chain.report.items():
         found = [eval_metrics(run_dir, s, evaluation) for s in settings]
-        cells = [cell([value(m, name) for m in found]) for name in task_sets]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows[label] = {name: [value(m, name) for m in found] for name in task_sets}
+    return format_paper_table(rows, task_sets, cell)
 
 
 def format_rows(rows: list[Row], sweep: SweepConfig, task_sets: list[str], set_name: str) -> str:

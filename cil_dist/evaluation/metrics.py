@@ -9,6 +9,7 @@ device and are summed across ranks with one ``all_reduce`` each.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -121,17 +122,22 @@ def task_set_title(name: str) -> str:
     return "Task " + "∪".join(name) if name.isdigit() else name
 
 
+def percent(value: float | None) -> str:
+    """An mIoU in [0, 1] as the tables show it ("–" when missing)."""
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
 def format_paper_table(
-    rows: dict[str, dict[str, float]], task_sets=("1", "2", "12", "3", "123")
+    rows: dict[str, dict[str, Any]],
+    task_sets=("1", "2", "12", "3", "123"),
+    cell: Callable[[Any], str] = percent,
 ) -> str:
-    """Markdown table of mIoU (%) per task set, one row per method, like the paper's."""
+    """Markdown table of mIoU (%) per task set, one row per method, like the paper's
+    (``cell`` formats each row's value of a task set, None where it has none)."""
     header = "| model | " + " | ".join(task_set_title(s) for s in task_sets) + " |"
     lines = [header, "|---" * (len(task_sets) + 1) + "|"]
     for method, values in rows.items():
-        cells = []
-        for name in task_sets:
-            value = values.get(name)
-            cells.append("–" if value is None or math.isnan(value) else f"{100 * value:.1f}")
+        cells = [cell(values.get(name)) for name in task_sets]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
