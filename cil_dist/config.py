@@ -231,6 +231,7 @@ class PrecisionConfig:
 @dataclass
 class CheckpointConfig:
     every_epochs: int = 10
+    every_steps: int = 0  # also every this many optimiser steps, mid-epoch (0 = off)
     keep: int = 2  # periodic checkpoints kept besides the final one
     resume: str = "auto"  # auto (latest in the run folder) | none | path of a checkpoint
     # resume although keys that alter the run differ from the checkpoint's (README "Training a
@@ -291,5 +292,7 @@ class TrainConfig:
         self.dist.validate()
         if self.eval.every_epochs < 0:
             raise ConfigError(f"eval.every_epochs: must be >= 0, got {self.eval.every_epochs}")
+        if self.checkpoint.every_steps < 0 or self.checkpoint.every_epochs < 0:
+            raise ConfigError("checkpoint.every_steps/every_epochs: must be >= 0 (0 = off)")
         if self.eval.every_epochs and not self.eval.splits:
             raise ConfigError("eval.splits: validation during training needs at least one split")

@@ -290,3 +290,22 @@ def test_cpu_threads_follow_the_jobs_cpus_per_task():
     assert cpu_threads_per_rank({"SLURM_CPUS_PER_TASK": "5", "SLURM_NTASKS_PER_NODE": "2"}) == 5
     cores = len(os.sched_getaffinity(0))
     assert cpu_threads_per_rank({"LOCAL_WORLD_SIZE": "1"}) == cores
+
+
+def test_a_mid_epoch_checkpoint_resumes_at_its_step_with_identical_weights(manifest_path, tmp_path):
+    def config(name: str):
+        cfg = tiny_train_config(manifest_path, tmp_path, name=name, method="joint")
+        cfg.optim.epochs, cfg.checkpoint.every_steps, cfg.checkpoint.keep = 2, 5, 20
+        return cfg
+
+    whole = run_training(config("whole"))
+    # every 5 global steps of 17 per epoch: step 25 is the 8th of epoch 2
+    mid = ckpt.periodic_path(tmp_path / "whole", 1, 8)
+    assert mid.name == "epoch_0001_step_000008.pt" and mid.is_file()
+    state = {"epoch": 1, "step": 25, "epoch_step": 8, "samples": 50}  # 25 steps of 2 images
+    assert ckpt.load_checkpoint(mid)["state"] == state
+    interrupted = tmp_path / "interrupted" / "checkpoints"
+    interrupted.mkdir(parents=True)
+    shutil.copy(mid, interrupted)  # "preempted" in the middle of epoch 2
+    resumed = run_training(config("interrupted"))
+    assert_same_final(whole, resumed)

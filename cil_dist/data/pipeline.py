@@ -318,6 +318,7 @@ class EpochLoader:
             # re-iterates them with the epoch number set through shared memory
             persistent_workers=num_workers > 0,
         )
+        self.start_step = 0
         _OPEN_LOADERS.add(self)
 
     def close(self) -> None:
@@ -326,16 +327,22 @@ class EpochLoader:
         if iterator is not None:
             iterator._shutdown_workers()
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's shard permutation and augmentation seeds (call before iterating)."""
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch's shard permutation and augmentation seeds (call before iterating);
+        ``start_step``: resume inside the epoch (the batches before it are read and dropped:
+        the streaming order can only be replayed; the decoded cache jumps there directly)."""
         self.stream.epoch = epoch
+        self.start_step = start_step
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.stream.skipped.reset()
-        return self._batches(iter(self.loader))
+        batches = self.raise_failures(iter(self.loader))
+        return itertools.islice(batches, self.start_step, None)
 
     @staticmethod
-    def _batches(batches: Iterator) -> Iterator[dict[str, Any]]:
+    def raise_failures(batches: Iterator) -> Iterator[dict[str, Any]]:
+        """The batches of a DataLoader over a :class:`ShardStream`, a worker's data error
+        raised here as itself."""
         for batch in batches:
             if isinstance(batch, WorkerFailure):
                 raise batch.error

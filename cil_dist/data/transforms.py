@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,26 @@ def decode_label(sample: dict[str, Any]) -> np.ndarray:
         raise SampleError(f"{_where(sample)}: {exc}") from exc
 
 
-def _resize(image: Image.Image, label: np.ndarray, size: tuple[int, int]):
+def decode_pair(
+    sample: dict[str, Any],
+    allow_other_label_size: Callable[[dict[str, Any], np.ndarray], bool] | None = None,
+) -> tuple[Image.Image, np.ndarray]:
+    """The sample's image and raw label ids, of the same size unless
+    ``allow_other_label_size(sample, label)`` says otherwise."""
+    image, label = decode_image(sample), decode_label(sample)
+    if image.size != label.shape[::-1] and not (
+        allow_other_label_size and allow_other_label_size(sample, label)
+    ):
+        raise SampleError(
+            f"{_where(sample)}: image is {image.size[0]}x{image.size[1]}, "
+            f"label {label.shape[1]}x{label.shape[0]}"
+        )
+    return image, label
+
+
+def resize_pair(image: Image.Image, label: np.ndarray, size: tuple[int, int]):
+    """Image (bilinear) and label (nearest) at ``size`` (w, h)."""
+
     if image.size != size:
         image = image.resize(size, Image.BILINEAR)
     if label.shape[::-1] != size:
@@ -149,7 +169,7 @@ def rescaled_crop(
     sw, sh = round(w / factor), round(h / factor)
     cw, ch = crop
     if sw < cw or sh < ch:
-        image, label = _resize(image, label, (sw, sh))
+        image, label = resize_pair(image, label, (sw, sh))
         return random_crop(image, label, crop, rng)
     x = int(rng.integers(0, sw - cw + 1))
     y = int(rng.integers(0, sh - ch + 1))
@@ -175,12 +195,7 @@ class SegmentationTransform:
     compact: bool = False
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator):
-        image, label = decode_image(sample), decode_label(sample)
-        if image.size != label.shape[::-1] and not self._full_size_eval_label(sample, label):
-            raise SampleError(
-                f"{_where(sample)}: image is {image.size[0]}x{image.size[1]}, "
-                f"label {label.shape[1]}x{label.shape[0]}"
-            )
+        image, label = decode_pair(sample, allow_other_label_size=self._full_size_eval_label)
         image, label = self.apply(image, label, rng)
         return image, label, sample["__key__"]
 
@@ -213,7 +228,7 @@ class SegmentationTransform:
 
     def _augment(self, image: Image.Image, label: np.ndarray, rng: np.random.Generator):
         cfg = self.augment
-        image, label = _resize(image, label, self.resize)
+        image, label = resize_pair(image, label, self.resize)
         factor = rng.uniform(cfg.scale_min, cfg.scale_max)
         image, label = rescaled_crop(image, label, factor, tuple(cfg.crop), rng)
         # Flipping the crop is the same distribution as cropping the flipped image (the crop

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "cil-dist-checkpoint/1"
 FINAL = "final.pt"
-PERIODIC = re.compile(r"epoch_(\d{4,})\.pt$")
+# after N epochs (and S steps into the next one: checkpoint.every_steps)
+PERIODIC = re.compile(r"epoch_(\d{4,})(?:_step_(\d{6,}))?\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -45,6 +46,7 @@ class TrainState:
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
+    epoch_step: int = 0  # steps taken of the epoch in progress (a mid-epoch checkpoint)
     samples: int = 0  # training samples seen by all ranks
 
 
@@ -201,8 +203,15 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def periodic_path(run_dir: str | Path, epoch: int) -> Path:
-    return checkpoint_dir(run_dir) / f"epoch_{epoch:04d}.pt"
+def periodic_path(run_dir: str | Path, epoch: int, epoch_step: int = 0) -> Path:
+    """The checkpoint after ``epoch`` epochs and ``epoch_step`` steps of the next one."""
+    step = f"_step_{epoch_step:06d}" if epoch_step else ""
+    return checkpoint_dir(run_dir) / f"epoch_{epoch:04d}{step}.pt"
+
+
+def _progress(path: Path) -> tuple[int, int]:
+    match = PERIODIC.search(path.name)
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 def final_path(run_dir: str | Path) -> Path:
@@ -215,7 +224,7 @@ def periodic_checkpoints(run_dir: str | Path) -> list[Path]:
     found = (
         [p for p in folder.glob("epoch_*.pt") if PERIODIC.search(p.name)] if folder.is_dir() else []
     )
-    return sorted(found, key=lambda p: int(PERIODIC.search(p.name).group(1)))
+    return sorted(found, key=_progress)
 
 
 def resume_candidates(run_dir: str | Path) -> list[Path]:
@@ -254,6 +263,7 @@ FREE_KEYS = (
     "log_every",
     "tensorboard",
     "checkpoint.every_epochs",
+    "checkpoint.every_steps",
     "checkpoint.keep",
     "checkpoint.resume",
     "checkpoint.allow_config_change",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,44 +113,55 @@ def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv) -
 
 
 def train_one_epoch(
-    parts: Components, cfg: TrainConfig, env: DistEnv, log_to: MetricsLog | None = None
+    parts: Components,
+    cfg: TrainConfig,
+    env: DistEnv,
+    log_to: MetricsLog | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> dict:
-    """Train one epoch; returns loss parts averaged over all ranks, the throughput and, in an
-    incremental stage, the distillation diagnostic."""
+    """Train (the rest of) one epoch; returns loss parts averaged over all ranks, the throughput
+    and, in an incremental stage, the distillation diagnostic. ``on_step`` runs after every
+    step but the epoch's last (mid-epoch checkpoints)."""
     parts.student.train()
-    parts.loader.set_epoch(parts.state.epoch)
-    # Dropout draws from each rank's global RNG: seeding it per (seed, epoch, rank) makes a run
-    # resumed at any epoch boundary, on any number of ranks, repeat the uninterrupted one.
-    torch.manual_seed(derive_seed("dropout", cfg.seed, parts.state.epoch, env.rank) % 2**63)
+    state = parts.state
+    parts.loader.set_epoch(state.epoch, state.epoch_step)  # mid-epoch: resume at that step
     sums = None  # [total, ce, kd] (+ the distillation sums with a teacher), summed over steps
     start, images = time.perf_counter(), 0
     lr = parts.optimizer.param_groups[0]["lr"]
     # the bar closes however the epoch ends, so a data error's one line is not glued to it
+    steps = len(parts.loader) - state.epoch_step
     with tqdm(
-        total=len(parts.loader),
-        desc=f"epoch {parts.state.epoch + 1}/{cfg.optim.epochs}",
+        total=steps,
+        desc=f"epoch {state.epoch + 1}/{cfg.optim.epochs}",
         disable=not env.is_main,
         leave=False,
         file=sys.stderr,
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
     ) as bar:
         for batch in parts.loader:
+            # Dropout draws from each rank's global RNG: seeded per (seed, epoch, step, rank),
+            # a run resumed at any step repeats the uninterrupted one.
+            seed = derive_seed("dropout", cfg.seed, state.epoch, state.epoch_step, env.rank)
+            torch.manual_seed(seed % 2**63)
             figures = train_step(parts, cfg, batch, env).cpu()
             sums = figures if sums is None else sums + figures
             images += batch["image"].shape[0]
-            parts.state.step += 1
+            state.step += 1
+            state.epoch_step += 1
+            state.samples += batch["image"].shape[0] * env.world_size  # equal batches per rank
             bar.update(1)
+            if on_step is not None and state.epoch_step < len(parts.loader):
+                on_step()
             if env.is_main and parts.state.step % cfg.log_every == 0:
                 rate = images * env.world_size / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{figures[0]:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 if log_to is not None:
                     for name, value in zip(("total", "ce", "kd"), figures.tolist(), strict=False):
                         log_to.scalar(f"loss/{name}", value, parts.state.step)
-    steps = len(parts.loader)
+    state.epoch_step = 0
     *figures, images = all_reduce_sum([*sums.tolist(), float(images)], env)
     seconds = time.perf_counter() - start
     skipped_shards, skipped_samples = parts.loader.skipped.totals(env)  # each shard once
-    parts.state.samples += int(images)
     # rank r's loss is W · (its pixel sum) / (global pixels): the batch's loss is the ranks' mean
     per_step = steps * env.world_size
     stats = {
@@ -407,8 +419,17 @@ def fit(parts: Components, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Pat
     metrics.truncate_after(parts.state.epoch)
     validator = Validator(cfg, parts.plan, env, parts.precision)
     try:
+        every_steps = cfg.checkpoint.every_steps
+
+        def mid_epoch_checkpoint() -> None:
+            if every_steps and parts.state.step % every_steps == 0:
+                at = ckpt.periodic_path(run_dir, parts.state.epoch, parts.state.epoch_step)
+                save(parts, cfg, at, env)
+                if env.is_main:
+                    ckpt.prune(run_dir, cfg.checkpoint.keep)
+
         while parts.state.epoch < cfg.optim.epochs:
-            stats = train_one_epoch(parts, cfg, env, metrics)
+            stats = train_one_epoch(parts, cfg, env, metrics, mid_epoch_checkpoint)
             parts.scheduler.step()
             parts.state.epoch += 1
             epoch = parts.state.epoch
