@@ -3,7 +3,9 @@ server, and a TCP proxy that resets connections mid-shard."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+from dataclasses import replace
 
 import boto3
 import pytest
@@ -145,6 +147,48 @@ def test_endpoint_from_the_standard_aws_variable(packed, s3_endpoint, monkeypatc
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     assert Manifest.load(MANIFEST).splits["val"].samples == 6
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_two_s3_endpoints_serve_one_process_side_by_side(packed, s3_endpoint, shard_dir):
+    """Two S3 servers hold different shards under the very same URLs; two sources and their
+    loaders (2 workers each, read interleaved) each reach the server of their own options —
+    what one process-wide endpoint could not do."""
+    local = Manifest.load(str(shard_dir / "manifest.json"))
+    val, task2 = local.splits["val"], local.splits["task2"]
+    count = min(len(val.shards), len(task2.shards))
+    with moto_server() as other_endpoint:
+        client = boto3.client("s3", endpoint_url=other_endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        # the other server's "val" holds task2's shards, under val's object names
+        shards = []
+        for own, theirs in zip(val.shards[:count], task2.shards[:count], strict=True):
+            client.upload_file(str(shard_dir / theirs.file), BUCKET, f"tiny/{own.file}")
+            shards.append(replace(theirs, file=own.file, recipe=""))
+        other = replace(local, splits={"val": replace(task2, split="val", shards=shards)})
+        other.save(MANIFEST, at(other_endpoint))
+
+        assert len(Manifest.load(MANIFEST, at(s3_endpoint)).splits) == len(local.splits)
+        assert list(Manifest.load(MANIFEST, at(other_endpoint)).splits) == ["val"]
+        configs = [s3_config(s3_endpoint), s3_config(other_endpoint)]
+        sources = [ShardSource.from_config(cfg, "val") for cfg in configs]
+        refs = [source.refs[:count] for source in sources]
+        assert [ref.url for ref in refs[0]] == [ref.url for ref in refs[1]]  # the same URLs
+        assert [ref.sha256 for ref in refs[0]] != [ref.sha256 for ref in refs[1]]  # other bytes
+        loaders = [
+            build_eval_loader(cfg, source, DistEnv())
+            for cfg, source in zip(configs, sources, strict=True)
+        ]
+        seen = [Counter(), Counter()]
+        for batches in itertools.zip_longest(*loaders):  # both servers' streams open at once
+            for counter, batch in zip(seen, batches, strict=True):
+                counter.update(batch["key"] if batch else [])
+        for loader in loaders:
+            loader.close()
+    assert set(seen[0].values()) == set(seen[1].values()) == {1}
+    assert sum(seen[0].values()) == val.samples
+    assert {key.split("_")[0] for key in seen[0]} <= set(val.cities)
+    assert sum(seen[1].values()) == sum(shard.samples for shard in shards)
+    assert {key.split("_")[0] for key in seen[1]} <= set(task2.cities)
 
 
 def test_a_failed_repack_on_s3_keeps_the_old_dataset_then_one_switches(s3_endpoint, tmp_path):
