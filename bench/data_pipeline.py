@@ -35,13 +35,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cil_dist import storage
 from cil_dist.config import DataConfig
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_train_loader
 from cil_dist.data.transforms import SegmentationTransform
 from cil_dist.distributed import DistEnv
 from cil_dist.logs import setup_logging
 from cil_dist.protocol import TaskProtocol
+from cil_dist.storage import StorageOptions
 from shards.pack import pack
 from shards.synth import generate
 
@@ -98,15 +98,16 @@ def throughput(loader, epochs: int) -> tuple[float, int, tuple]:
 
 @contextlib.contextmanager
 def transport_manifest(kind: str, out: Path, root: Path, protocol, per_shard: int) -> object:
-    """The manifest URL of the same shards reached through ``kind`` (local, http, s3)."""
+    """The manifest URL of the same shards reached through ``kind`` (local, http, s3) and the
+    S3 endpoint that reaches it ("" for local and http)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test servers
     from tests.servers import ResetProxy, moto_server, static_http
 
     if kind == "local":
-        yield str(out / "manifest.json")
+        yield str(out / "manifest.json"), ""
     elif kind == "http":
         with static_http(out) as url:
-            yield f"{url}/manifest.json"
+            yield f"{url}/manifest.json", ""
     elif kind == "s3" or kind.startswith("s3+"):
         for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench")):
             os.environ.setdefault(name, value)
@@ -115,16 +116,21 @@ def transport_manifest(kind: str, out: Path, root: Path, protocol, per_shard: in
             import boto3
 
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-            storage.configure(endpoint_url=endpoint)
-            pack(root, "s3://bench/shards", protocol, size=(1024, 512), samples_per_shard=per_shard)
+            options = StorageOptions(endpoint_url=endpoint)
+            pack(
+                root,
+                "s3://bench/shards",
+                protocol,
+                size=(1024, 512),
+                samples_per_shard=per_shard,
+                options=options,
+            )
             proxy = ResetProxy(endpoint, latency=store_latency(kind)) if kind != "s3" else None
-            storage.configure(endpoint_url=proxy.url if proxy else endpoint)
             try:
-                yield "s3://bench/shards/manifest.json"
+                yield "s3://bench/shards/manifest.json", proxy.url if proxy else endpoint
             finally:
                 if proxy:
                     proxy.close()
-                storage.configure(endpoint_url="")
     else:
         raise SystemExit(f"--transports: unknown {kind!r} (local, http, s3, s3+<N>ms)")
 
@@ -140,9 +146,11 @@ def store_latency(kind: str) -> float:
 def transport_rows(args, out: Path, root: Path, protocol, lut) -> list[tuple[str, float, int]]:
     rows = []
     for kind in [t for t in args.transports.split(",") if t]:
-        with transport_manifest(kind, out, root, protocol, args.samples_per_shard) as manifest:
+        with transport_manifest(kind, out, root, protocol, args.samples_per_shard) as found:
+            manifest, endpoint = found
             cfg = DataConfig(
                 manifest=manifest,
+                endpoint_url=endpoint,
                 batch_size=args.batch_size,
                 num_workers=args.workers,
                 shuffle_buffer=16,

@@ -4,7 +4,10 @@ Accepted everywhere a path is: local paths and ``file://``, ``http(s)://`` (plai
 ``s3://`` (any S3-compatible endpoint, through s3fs) and ``gs://`` (through gcsfs). Credentials
 come from the standard places of each store (``AWS_*`` variables, ``~/.aws``, instance roles;
 Google's application default credentials); the only thing configured here is
-:class:`StorageOptions` (an explicit S3 endpoint and the block size of ranged reads).
+:class:`StorageOptions` (an explicit S3 endpoint and the block size of ranged reads). It is
+passed explicitly: every function that reaches a store takes ``options`` (None: the defaults),
+so two endpoints can be used side by side in one process, and worker processes get the options
+of whoever hands them work (they are picklable), not a process-wide setting.
 
 Writers go through :func:`open_for_write`: a local file is written to a temporary name and
 renamed into place, so a reader never sees a half-written file; object stores commit the object
@@ -20,14 +23,17 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from typing import IO, Any
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
 
 import fsspec
 import fsspec.asyn
 
 from cil_dist.digest import ContentDigest
 from cil_dist.urls import is_local, local_path, protocol_of, redact_url
+
+if TYPE_CHECKING:
+    from cil_dist.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +69,25 @@ if hasattr(os, "register_at_fork"):
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """How object stores are reached (picklable, handed to worker processes)."""
+    """How object stores are reached (frozen: hashable, picklable, handed to worker processes)."""
 
     endpoint_url: str = ""  # S3-compatible endpoint; "" = AWS_ENDPOINT_URL(_S3), ~/.aws, AWS
     block_size: int = DEFAULT_BLOCK_SIZE  # bytes fetched per ranged read
 
-
-_options = StorageOptions()
-
-
-def configure(options: StorageOptions | None = None, **changes: Any) -> StorageOptions:
-    """Set this process's storage options (a whole record and/or single fields)."""
-    global _options
-    _options = replace(options or _options, **changes)
-    return _options
+    @classmethod
+    def from_data_config(cls, cfg: DataConfig) -> StorageOptions:
+        """The options of a data config (``data.endpoint_url``, ``data.block_size``)."""
+        return cls(endpoint_url=cfg.endpoint_url, block_size=cfg.block_size)
 
 
-def options() -> StorageOptions:
-    """This process's storage options."""
-    return _options
+DEFAULTS = StorageOptions()
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem serving ``url`` (with the configured S3 endpoint) and its path."""
+def filesystem(
+    url: str, options: StorageOptions | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem serving ``url`` (with the options' S3 endpoint) and its path."""
+    options = options or DEFAULTS
     kwargs: dict[str, Any] = {}
     protocol = protocol_of(url)
     if protocol in S3_PROTOCOLS:
@@ -95,8 +97,8 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         session = _s3_session()
         if session is not None:  # None: s3fs is missing, url_to_fs below says how to add it
             kwargs["session"] = session
-        if _options.endpoint_url:
-            kwargs["endpoint_url"] = _options.endpoint_url
+        if options.endpoint_url:
+            kwargs["endpoint_url"] = options.endpoint_url
     if protocol in ("http", "https"):  # a stalled transfer fails (and is retried), none hangs
         kwargs["client_kwargs"] = {"timeout": _http_timeout()}
     try:
@@ -126,7 +128,9 @@ def _http_timeout():
 
 
 @contextlib.contextmanager
-def open_for_write(url: str, mode: str = "wb") -> Iterator[IO]:
+def open_for_write(
+    url: str, mode: str = "wb", options: StorageOptions | None = None
+) -> Iterator[IO]:
     """Open ``url`` for writing; the file appears only once the block completes."""
     if is_local(url):
         path = local_path(url)
@@ -144,7 +148,7 @@ def open_for_write(url: str, mode: str = "wb") -> Iterator[IO]:
                 os.unlink(tmp)
             raise
     else:
-        fs, path = filesystem(url)
+        fs, path = filesystem(url, options)
         stream = fs.open(path, mode)
         try:
             yield stream
@@ -162,32 +166,35 @@ def _discard(stream: IO) -> None:
         stream.closed = True  # fsspec's files commit on close; this one must not
 
 
-def exists(url: str) -> bool:
+def exists(url: str, options: StorageOptions | None = None) -> bool:
     if is_local(url):
         return os.path.exists(local_path(url))
-    fs, path = filesystem(url)
+    fs, path = filesystem(url, options)
     return fs.exists(path)
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, options: StorageOptions | None = None) -> bytes:
     if is_local(url):
         with open(local_path(url), "rb") as stream:
             return stream.read()
-    fs, path = filesystem(url)
-    with fs.open(path, "rb", block_size=_options.block_size) as stream:
+    options = options or DEFAULTS
+    fs, path = filesystem(url, options)
+    with fs.open(path, "rb", block_size=options.block_size) as stream:
         return stream.read()
 
 
-def sha256_of(url: str) -> tuple[str, int]:
+def sha256_of(url: str, options: StorageOptions | None = None) -> tuple[str, int]:
     """SHA-256 hex digest and size in bytes of a file or object (streamed, not downloaded)."""
     content = ContentDigest()
-    with open_stream(url) as stream:
+    with open_stream(url, options=options) as stream:
         while chunk := stream.read(HASH_CHUNK):
             content.update(chunk)
     return content.sha256, content.size
 
 
-def open_stream(url: str, offset: int = 0, size: int | None = None) -> IO[bytes]:
+def open_stream(
+    url: str, offset: int = 0, size: int | None = None, options: StorageOptions | None = None
+) -> IO[bytes]:
     """A forward-reading byte stream of ``url`` starting at ``offset`` (for resumed reads).
 
     Object stores are read in ranged blocks of ``block_size`` (bounded memory, no download to
@@ -207,12 +214,13 @@ def open_stream(url: str, offset: int = 0, size: int | None = None) -> IO[bytes]
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
-    fs, path = filesystem(url)
+    options = options or DEFAULTS
+    fs, path = filesystem(url, options)
     if protocol in ("http", "https"):
         return _open_http(fs, path, offset)
     known = size is not None and protocol in S3_PROTOCOLS
     extra = {"size": size} if known else {}
-    stream = fs.open(path, "rb", block_size=_options.block_size, cache_type="readahead", **extra)
+    stream = fs.open(path, "rb", block_size=options.block_size, cache_type="readahead", **extra)
     if known:  # else s3fs asks for them (a HEAD request) on the first ranged GET of every open
         stream.details = {"name": path, "size": size, "type": "file"}
     if offset:
@@ -239,11 +247,11 @@ def _open_http(fs: fsspec.AbstractFileSystem, url: str, offset: int) -> IO[bytes
     return stream
 
 
-def check_readable(url: str) -> str | None:
+def check_readable(url: str, options: StorageOptions | None = None) -> str | None:
     """None when ``url`` can be opened and read, else one line saying why not (redacted)."""
     shown = redact_url(url)
     try:
-        with open_stream(url) as stream:
+        with open_stream(url, options=options) as stream:
             stream.read(1)
     except FileNotFoundError:
         return f"{shown}: not found"

@@ -223,10 +223,10 @@ def with_selection(sweep: SweepConfig, chain: ChainConfig) -> ChainConfig:
     return chain
 
 
-def manifest_digest(url: str) -> str:
+def manifest_digest(url: str, options: storage.StorageOptions | None = None) -> str:
     """The manifest's content digest (its URL when it cannot be read: validation says why)."""
     try:
-        return storage.sha256_of(url)[0]
+        return storage.sha256_of(url, options)[0]
     except (OSError, ValueError, ImportError):
         return url
 
@@ -253,7 +253,9 @@ def name_jobs(setting: Setting, run_dir: Path, digests: dict[str, str]) -> None:
     for name in in_dependency_order(teachers):
         spec = chain.stages[name]
         train = stage_train_config(chain, name, run_dir, names)
-        data = digests.setdefault(train.data.manifest, manifest_digest(train.data.manifest))
+        options = storage.StorageOptions.from_data_config(train.data)  # what validation read
+        digest = manifest_digest(train.data.manifest, options)
+        data = digests.setdefault(train.data.manifest, digest)
         own[name] = job_digest(train, own.get(spec.teacher, ""), data)
         names[name] = f"{name}-{own[name][:10]}"
     for name, spec in chain.evaluations.items():

@@ -19,7 +19,6 @@ from pathlib import Path
 from cil_dist import storage, urls
 from cil_dist.config import ConfigError
 from cil_dist.data.manifest import Manifest, ManifestError
-from cil_dist.data.pipeline import storage_options
 from cil_dist.protocol import ProtocolError, TaskProtocol
 from cil_dist.training.stage import METHODS, StagePlan, plan_stage
 from launch.chain import (
@@ -106,20 +105,20 @@ def data_problems(jobs: dict[str, JobSpec], plans: dict[str, StagePlan]) -> list
         url = job.train.data.manifest
         if not url:
             continue  # shard URLs without a manifest: nothing to check up front
-        storage.configure(storage_options(job.train.data))  # its S3 endpoint, block size
+        options = storage.StorageOptions.from_data_config(job.train.data)  # its S3 endpoint
         if url not in manifests:
-            unreadable = storage.check_readable(url)
+            unreadable = storage.check_readable(url, options)
             if unreadable:
                 manifests[url] = None
                 problems.append(f"{name}: data.manifest: {unreadable}")
                 continue
             try:
-                manifests[url] = Manifest.load(url)
+                manifests[url] = Manifest.load(url, options)
             except (ManifestError, OSError) as exc:
                 manifests[url] = None
                 problems.append(f"{name}: data.manifest: {urls.redact_url(str(exc))}")
                 continue
-            problems += shard_file_problems(url, manifests[url])
+            problems += shard_file_problems(url, manifests[url], options)
         manifest = manifests[url]
         if manifest is None:
             continue
@@ -154,7 +153,9 @@ def batch_problems(name: str, job: JobSpec, samples: int) -> list[str]:
     return []
 
 
-def shard_file_problems(url: str, manifest: Manifest) -> list[str]:
+def shard_file_problems(
+    url: str, manifest: Manifest, options: storage.StorageOptions | None = None
+) -> list[str]:
     """Local shards must all exist; of remote ones the first of each split must be readable
     (checking thousands of objects one by one would take longer than the check is worth)."""
     missing = []
@@ -164,7 +165,7 @@ def shard_file_problems(url: str, manifest: Manifest) -> list[str]:
             if urls.is_local(target):
                 if not Path(urls.local_path(target)).is_file():
                     missing.append(shard.file)
-            elif index == 0 and storage.check_readable(target):
+            elif index == 0 and storage.check_readable(target, options):
                 missing.append(shard.file)
     if not missing:
         return []

@@ -84,13 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(0)
-    from cil_dist import storage
-    from shards import commands
-
-    if getattr(args, "endpoint_url", ""):
-        storage.configure(endpoint_url=args.endpoint_url)
-
     from cil_dist.data.reading import TRANSIENT
+    from shards import commands
 
     try:
         return commands.run(args)

@@ -7,6 +7,7 @@ import logging
 
 from cil_dist.data.manifest import Manifest
 from cil_dist.protocol import TaskProtocol
+from cil_dist.storage import StorageOptions
 from cil_dist.urls import redact_url
 from shards.verify import verify_manifest
 
@@ -31,6 +32,8 @@ def summary(manifest: Manifest) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # --endpoint-url of pack, verify and inspect: how their s3:// URLs are reached
+    options = StorageOptions(endpoint_url=getattr(args, "endpoint_url", "") or "")
     if args.command == "synth":
         from shards.synth import generate
 
@@ -61,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
             jpeg_quality=args.jpeg_quality,
             workers=args.workers,
             val_labels=args.val_labels,
+            options=options,
         )
-        log.info("\n%s", summary(Manifest.load(result.manifest_url)))
+        log.info("\n%s", summary(Manifest.load(result.manifest_url, options)))
         return 0
     if args.command == "verify":
-        bad = verify_manifest(args.manifest)
+        bad = verify_manifest(args.manifest, options=options)
         for problem in bad:
             log.error("%s", problem)
         if bad:
@@ -74,6 +78,6 @@ def run(args: argparse.Namespace) -> int:
         log.info("all shards of %s match the manifest", redact_url(args.manifest))
         return 0
     if args.command == "inspect":
-        print(summary(Manifest.load(args.manifest)))
+        print(summary(Manifest.load(args.manifest, options)))
         return 0
     raise ValueError(f"unknown command {args.command!r}")

@@ -28,6 +28,7 @@ previous dataset stays complete and verifies. Worker processes die with the pack
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import io
 import json
@@ -241,10 +242,12 @@ def sample_of(frame: Frame, job: ShardJob) -> dict:
     }
 
 
-def write_shard(job: ShardJob, recipe: str, file: str) -> ShardRecord:
+def write_shard(
+    job: ShardJob, recipe: str, file: str, options: storage.StorageOptions | None = None
+) -> ShardRecord:
     """Pack one shard as ``file`` (runs in a worker process) and return its manifest record."""
     url = urls.join(job.out, file)
-    with storage.open_for_write(url) as stream:
+    with storage.open_for_write(url, options=options) as stream:
         hashing = _HashingWriter(stream)
         with TarWriter(hashing, mtime=0, user="cil", group="cil", mode=0o444) as writer:
             for frame in job.frames:
@@ -267,30 +270,34 @@ class _HashingWriter:
         self.stream.flush()
 
 
-def pack_job(task: ShardTask) -> tuple[ShardRecord, bool]:
+def pack_job(
+    task: ShardTask, options: storage.StorageOptions | None = None
+) -> tuple[ShardRecord, bool]:
     """Write a shard unless its previous record still matches; returns (record, written).
 
     A shard is never rewritten under a name the previous manifest references (that dataset
     must stay valid until the new manifest replaces it): it then gets its recipe in its name.
+    ``options``: how the output store is reached (the packing process's, sent with the task).
     """
     job, previous = task.job, task.previous
     recipe = recipe_of(job)
     if previous is not None and previous.recipe == recipe:
         url = urls.join(job.out, previous.file)
-        if storage.exists(url) and storage.sha256_of(url) == (previous.sha256, previous.bytes):
+        unchanged = (previous.sha256, previous.bytes)
+        if storage.exists(url, options) and storage.sha256_of(url, options) == unchanged:
             return previous, False
     file = shard_file(job.set_name, job.index, recipe) if task.plain_taken else job.file
-    return write_shard(job, recipe, file), True
+    return write_shard(job, recipe, file, options), True
 
 
-def previous_pack(out: str) -> PreviousPack:
+def previous_pack(out: str, options: storage.StorageOptions | None = None) -> PreviousPack:
     """The shards of an existing manifest in ``out`` (empty if none or unreadable)."""
     empty = PreviousPack({}, frozenset(), frozenset())
     url = urls.join(out, "manifest.json")
-    if not storage.exists(url):
+    if not storage.exists(url, options):
         return empty
     try:
-        manifest = Manifest.load(url)
+        manifest = Manifest.load(url, options)
     except ValueError as exc:
         log.warning("ignoring unreadable previous manifest %s: %s", urls.redact_url(url), exc)
         return empty
@@ -366,13 +373,15 @@ def is_leftover(name: str, pattern: re.Pattern[str]) -> bool:
     return bool(tmp and pattern.fullmatch(tmp["shard"]))
 
 
-def remove_unreferenced(out: str, set_names: set[str], keep: set[str]) -> int:
+def remove_unreferenced(
+    out: str, set_names: set[str], keep: set[str], options: storage.StorageOptions | None = None
+) -> int:
     """Delete the shards of ``set_names`` in ``out`` that are not in ``keep`` (files relative
     to ``out``), and stray temporary shards; other files are left alone. Returns the count."""
     removed = 0
     for set_name in sorted(set_names):
         pattern = shard_name_pattern(set_name)
-        fs, folder = storage.filesystem(urls.join(out, set_name))
+        fs, folder = storage.filesystem(urls.join(out, set_name), options)
         for name in listing(fs, folder.rstrip("/")):
             if is_leftover(name, pattern) and f"{set_name}/{name}" not in keep:
                 fs.rm_file(f"{folder.rstrip('/')}/{name}")
@@ -405,22 +414,23 @@ def die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def init_worker(options: storage.StorageOptions, parent: int) -> None:
-    """Worker set-up: die with the packing process, use its storage options (S3 endpoint)."""
+def init_worker(parent: int) -> None:
+    """Worker set-up: die with the packing process."""
     die_with_parent(parent)
-    storage.configure(options)
 
 
-def run_tasks(tasks: list[ShardTask], workers: int) -> list[tuple[ShardRecord, bool]]:
+def run_tasks(
+    tasks: list[ShardTask], workers: int, options: storage.StorageOptions | None = None
+) -> list[tuple[ShardRecord, bool]]:
     """``pack_job`` over ``tasks`` in ``workers`` processes, in order; on a failure the jobs not
-    yet started are cancelled (the error is raised once the running ones end)."""
-    pool = ProcessPoolExecutor(
-        workers, initializer=init_worker, initargs=(storage.options(), os.getpid())
-    )
+    yet started are cancelled (the error is raised once the running ones end). ``options`` (the
+    S3 endpoint) travel to the workers with every task."""
+    pool = ProcessPoolExecutor(workers, initializer=init_worker, initargs=(os.getpid(),))
+    job = functools.partial(pack_job, options=options)
     try:
         with tqdm(total=len(tasks), desc="packing shards", unit="shard", disable=None) as bar:
             results = []
-            for result in pool.map(pack_job, tasks):
+            for result in pool.map(job, tasks):
                 results.append(result)
                 bar.update(1)
         return results
@@ -438,11 +448,13 @@ def pack(
     jpeg_quality: int = 95,
     workers: int | None = None,
     val_labels: str = "full",
+    options: storage.StorageOptions | None = None,
 ) -> PackResult:
     """Pack ``cityscapes_root`` into shards under ``out``; returns the manifest and counts.
 
     ``val_labels``: ``"full"`` keeps the val set's labels at their source resolution (the
     paper's evaluation), ``"resized"`` resizes them to ``size`` like the training sets'.
+    ``options``: how an object-storage ``out`` is reached (its S3 endpoint; None: defaults).
     """
     start = time.perf_counter()
     root = Path(cityscapes_root)
@@ -459,9 +471,9 @@ def pack(
         root, out, protocol, tuple(size), samples_per_shard, image_format, jpeg_quality, val_labels
     )
     jobs = plan.jobs
-    previous = previous_pack(out)
+    previous = previous_pack(out, options)
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    results = run_tasks([previous.task(job) for job in jobs], workers)
+    results = run_tasks([previous.task(job) for job in jobs], workers, options)
     records = {job.file: record for job, (record, _) in zip(jobs, results, strict=True)}
     written = sum(was_written for _, was_written in results)
     splits = {}
@@ -477,10 +489,11 @@ def pack(
         splits=splits,
     )
     manifest_url = urls.join(out, "manifest.json")
-    manifest.save(manifest_url)  # after the shards, in one step: the switch to the new dataset
+    # after the shards, in one step: the switch to the new dataset
+    manifest.save(manifest_url, options)
     manifest.url = manifest_url
     keep = {shard.file for record in splits.values() for shard in record.shards}
-    removed = remove_unreferenced(out, set(splits) | previous.sets, keep)  # only now
+    removed = remove_unreferenced(out, set(splits) | previous.sets, keep, options)  # only now
     seconds = time.perf_counter() - start
     log.info(
         "packed %d shards (%d written, %d unchanged, %d old removed) of %d samples into %s "

@@ -3,7 +3,9 @@ server, and a TCP proxy that resets connections mid-shard."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+from dataclasses import replace
 
 import boto3
 import pytest
@@ -48,13 +50,6 @@ def s3_endpoint(aws_env):
         yield url
 
 
-@pytest.fixture(autouse=True)
-def default_storage():
-    storage.configure(storage.StorageOptions())
-    yield
-    storage.configure(storage.StorageOptions())
-
-
 @pytest.fixture
 def proxy(s3_endpoint):
     proxy = ResetProxy(s3_endpoint)
@@ -90,6 +85,11 @@ def packed(s3_endpoint, synth_root):
     return recorder.requests
 
 
+def at(endpoint: str) -> storage.StorageOptions:
+    """The storage options that reach the S3 server at ``endpoint``."""
+    return storage.StorageOptions(endpoint_url=endpoint)
+
+
 def s3_config(endpoint: str, workers: int = 2, **kw) -> object:
     return data_config(MANIFEST, workers=workers, endpoint_url=endpoint, **kw)
 
@@ -111,8 +111,7 @@ def test_pack_uploads_shards_then_the_manifest_last(packed, s3_endpoint, manifes
     puts = [line.split()[1] for line in packed if line.startswith("PUT ")]
     assert puts[-1].endswith("/tiny/manifest.json")
     assert sum(p.endswith(".tar") for p in puts) == 15
-    storage.configure(endpoint_url=s3_endpoint)
-    remote, local = Manifest.load(MANIFEST), Manifest.load(manifest_path)
+    remote, local = Manifest.load(MANIFEST, at(s3_endpoint)), Manifest.load(manifest_path)
     assert [s.sha256 for r in remote.splits.values() for s in r.shards] == [
         s.sha256 for r in local.splits.values() for s in r.shards
     ]
@@ -136,9 +135,8 @@ def test_verify_reports_a_corrupted_object(packed, s3_endpoint, capsys):
 
 
 def test_check_readable(packed, s3_endpoint):
-    storage.configure(endpoint_url=s3_endpoint)
-    assert storage.check_readable(MANIFEST) is None
-    assert "not found" in storage.check_readable(f"{PREFIX}/nope.json")
+    assert storage.check_readable(MANIFEST, at(s3_endpoint)) is None
+    assert "not found" in storage.check_readable(f"{PREFIX}/nope.json", at(s3_endpoint))
     assert "not reachable" in storage.check_readable("http://127.0.0.1:1/manifest.json")
 
 
@@ -149,6 +147,48 @@ def test_endpoint_from_the_standard_aws_variable(packed, s3_endpoint, monkeypatc
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     assert Manifest.load(MANIFEST).splits["val"].samples == 6
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_two_s3_endpoints_serve_one_process_side_by_side(packed, s3_endpoint, shard_dir):
+    """Two S3 servers hold different shards under the very same URLs; two sources and their
+    loaders (2 workers each, read interleaved) each reach the server of their own options —
+    what one process-wide endpoint could not do."""
+    local = Manifest.load(str(shard_dir / "manifest.json"))
+    val, task2 = local.splits["val"], local.splits["task2"]
+    count = min(len(val.shards), len(task2.shards))
+    with moto_server() as other_endpoint:
+        client = boto3.client("s3", endpoint_url=other_endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        # the other server's "val" holds task2's shards, under val's object names
+        shards = []
+        for own, theirs in zip(val.shards[:count], task2.shards[:count], strict=True):
+            client.upload_file(str(shard_dir / theirs.file), BUCKET, f"tiny/{own.file}")
+            shards.append(replace(theirs, file=own.file, recipe=""))
+        other = replace(local, splits={"val": replace(task2, split="val", shards=shards)})
+        other.save(MANIFEST, at(other_endpoint))
+
+        assert len(Manifest.load(MANIFEST, at(s3_endpoint)).splits) == len(local.splits)
+        assert list(Manifest.load(MANIFEST, at(other_endpoint)).splits) == ["val"]
+        configs = [s3_config(s3_endpoint), s3_config(other_endpoint)]
+        sources = [ShardSource.from_config(cfg, "val") for cfg in configs]
+        refs = [source.refs[:count] for source in sources]
+        assert [ref.url for ref in refs[0]] == [ref.url for ref in refs[1]]  # the same URLs
+        assert [ref.sha256 for ref in refs[0]] != [ref.sha256 for ref in refs[1]]  # other bytes
+        loaders = [
+            build_eval_loader(cfg, source, DistEnv())
+            for cfg, source in zip(configs, sources, strict=True)
+        ]
+        seen = [Counter(), Counter()]
+        for batches in itertools.zip_longest(*loaders):  # both servers' streams open at once
+            for counter, batch in zip(seen, batches, strict=True):
+                counter.update(batch["key"] if batch else [])
+        for loader in loaders:
+            loader.close()
+    assert set(seen[0].values()) == set(seen[1].values()) == {1}
+    assert sum(seen[0].values()) == val.samples
+    assert {key.split("_")[0] for key in seen[0]} <= set(val.cities)
+    assert sum(seen[1].values()) == sum(shard.samples for shard in shards)
+    assert {key.split("_")[0] for key in seen[1]} <= set(task2.cities)
 
 
 def test_a_failed_repack_on_s3_keeps_the_old_dataset_then_one_switches(s3_endpoint, tmp_path):
@@ -165,11 +205,12 @@ def test_a_failed_repack_on_s3_keeps_the_old_dataset_then_one_switches(s3_endpoi
         listing = client.list_objects_v2(Bucket=BUCKET, Prefix="repack/").get("Contents", [])
         return {item["Key"].removeprefix("repack/") for item in listing}
 
-    def repack():
-        return pack(root, prefix, SMALL, size=(32, 16), samples_per_shard=2, workers=1)
+    def repack(options: storage.StorageOptions):
+        return pack(
+            root, prefix, SMALL, size=(32, 16), samples_per_shard=2, workers=1, options=options
+        )
 
-    storage.configure(endpoint_url=s3_endpoint)
-    first = repack()
+    first = repack(at(s3_endpoint))
     client.put_object(Bucket=BUCKET, Key="repack/task2/task2-notes.tar", Body=b"not a shard")
     old = {s.file for r in first.manifest.splits.values() for s in r.shards}
     make_small_tree(root, seed=100)
@@ -177,21 +218,19 @@ def test_a_failed_repack_on_s3_keeps_the_old_dataset_then_one_switches(s3_endpoi
     good = image.read_bytes()
     image.write_bytes(b"\x89PNG not really")
     with pytest.raises(PackError, match=r"lindau_000000_000000_leftImg8bit\.png.*cannot read"):
-        repack()
-    assert verify_manifest(f"{prefix}/manifest.json") == []
+        repack(at(s3_endpoint))
+    assert verify_manifest(f"{prefix}/manifest.json", options=at(s3_endpoint)) == []
     uploaded = objects() - old - {"manifest.json", "task2/task2-notes.tar"}
     assert len([key for key in uploaded if not key.startswith("val/")]) == 5, uploaded
     assert not [key for key in uploaded if key.startswith("val/val-000000")]  # not half a shard
 
     image.write_bytes(good)
     recorder = ResetProxy(s3_endpoint)
-    storage.configure(endpoint_url=recorder.url)
     try:
-        second = repack()
+        second = repack(at(recorder.url))
     finally:
         recorder.close()
-        storage.configure(endpoint_url=s3_endpoint)
-    assert verify_manifest(f"{prefix}/manifest.json") == []
+    assert verify_manifest(f"{prefix}/manifest.json", options=at(s3_endpoint)) == []
     new = {s.file for r in second.manifest.splits.values() for s in r.shards}
     assert objects() == new | {"manifest.json", "task2/task2-notes.tar"} and not new & old
     writes = [line.split()[:2] for line in recorder.requests if line[0] in "PD"]  # PUT, DELETE
@@ -209,7 +248,7 @@ def test_eval_over_s3_sees_every_sample_once_on_2_ranks_x_2_workers(packed, s3_e
     cfg = s3_config(s3_endpoint, workers=2)
     seen = eval_keys(cfg, ShardSource.from_config(cfg, split), world=2)
     assert set(seen.values()) == {1}
-    assert sum(seen.values()) == Manifest.load(MANIFEST).splits[split].samples
+    assert sum(seen.values()) == Manifest.load(MANIFEST, at(s3_endpoint)).splits[split].samples
 
 
 def test_presigned_https_style_urls_stream_and_are_shown_without_signature(packed, s3_endpoint):
@@ -486,14 +525,13 @@ def test_a_teacher_on_s3_loads_and_teaches(s3_endpoint, tmp_path, manifest_path)
     boto3.client("s3", endpoint_url=s3_endpoint).upload_file(
         str(stage1), BUCKET, "runs/s1/final.pt"
     )
-    storage.configure(storage.StorageOptions(endpoint_url=s3_endpoint))
-    info = ckpt.describe(url)
+    info = ckpt.describe(url, at(s3_endpoint))
     assert (info.method, info.stage, info.num_classes, info.complete) == ("cil", 1, 5, True)
-    teacher = load_teacher(url, 5, "cpu")
+    teacher = load_teacher(url, 5, "cpu", options=at(s3_endpoint))
     local = torch.load(stage1, weights_only=True)["model"]
     assert all(torch.equal(v, local[k]) for k, v in teacher.state_dict().items())
     with pytest.raises(ckpt.CheckpointError, match=f"s3://{BUCKET}/runs/nothing.pt: checkpoint"):
-        ckpt.load_checkpoint(f"s3://{BUCKET}/runs/nothing.pt")
+        ckpt.load_checkpoint(f"s3://{BUCKET}/runs/nothing.pt", options=at(s3_endpoint))
 
     cfg = tiny_train_config(manifest_path, tmp_path, name="s2", stage=2)
     cfg.teacher.checkpoint, cfg.data.endpoint_url = url, s3_endpoint

@@ -123,18 +123,19 @@ class Manifest:
             },
         }
 
-    def save(self, url: str) -> None:
+    def save(self, url: str, options: storage.StorageOptions | None = None) -> None:
         """Write atomically (local) or as one object (object storage)."""
         payload = json.dumps(self.to_dict(), indent=1).encode()
-        with storage.open_for_write(url) as stream:
+        with storage.open_for_write(url, options=options) as stream:
             stream.write(payload)
 
     @classmethod
-    def load(cls, url: str) -> Manifest:
-        """Read and validate a manifest from a path or URL."""
+    def load(cls, url: str, options: storage.StorageOptions | None = None) -> Manifest:
+        """Read and validate a manifest from a path or URL (``options``: how object stores are
+        reached; None: the defaults)."""
         shown = urls.redact_url(url)
         try:
-            raw = json.loads(storage.read_bytes(url))
+            raw = json.loads(storage.read_bytes(url, options))
         except FileNotFoundError:
             raise ManifestError(f"{shown}: manifest not found") from None
         except ImportError as exc:

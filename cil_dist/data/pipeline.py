@@ -43,7 +43,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle as shuffle_filter
 
-from cil_dist import storage, urls
+from cil_dist import urls
 from cil_dist.config import ConfigError, DataConfig
 from cil_dist.data.manifest import Manifest, ShardRef
 from cil_dist.data.reading import ReadPolicy, ShardReadError, iter_slice
@@ -57,6 +57,7 @@ from cil_dist.data.shardlist import (
 )
 from cil_dist.data.transforms import Normalize, SampleError, SegmentationTransform
 from cil_dist.distributed import DistEnv, all_reduce_sum
+from cil_dist.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,13 @@ class ShardSource:
     description: str
 
     @classmethod
-    def from_manifest(cls, url: str, splits: list[str] | tuple[str, ...] | str) -> ShardSource:
-        manifest = Manifest.load(url)
+    def from_manifest(
+        cls,
+        url: str,
+        splits: list[str] | tuple[str, ...] | str,
+        options: StorageOptions | None = None,
+    ) -> ShardSource:
+        manifest = Manifest.load(url, options)
         names = [splits] if isinstance(splits, str) else list(splits)
         shown = urls.redact_url(url)
         return cls(tuple(manifest.shard_refs(names)), f"{shown} [{'+'.join(names)}]")
@@ -88,9 +94,10 @@ class ShardSource:
 
     @classmethod
     def from_config(cls, cfg: DataConfig, splits: list[str] | tuple[str, ...] | str):
-        storage.configure(storage_options(cfg))
+        """The shards of ``splits`` (a manifest's, reached with the config's storage options)
+        or the config's shard URLs."""
         if cfg.manifest:
-            return cls.from_manifest(cfg.manifest, splits)
+            return cls.from_manifest(cfg.manifest, splits, StorageOptions.from_data_config(cfg))
         return cls.from_urls(cfg.shards)
 
     @property
@@ -98,12 +105,6 @@ class ShardSource:
         """Total samples, or None when a shard's count is unknown (URLs without manifest)."""
         counts = [ref.samples for ref in self.refs]
         return None if any(c is None for c in counts) else sum(counts)
-
-
-def storage_options(cfg: DataConfig) -> storage.StorageOptions:
-    """The object-storage options of a data config (an empty endpoint keeps the process's)."""
-    endpoint = cfg.endpoint_url or storage.options().endpoint_url
-    return storage.StorageOptions(endpoint_url=endpoint, block_size=cfg.block_size)
 
 
 def read_policy(cfg: DataConfig) -> ReadPolicy:
@@ -182,7 +183,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 0,
         verify: bool = True,
         policy: ReadPolicy | None = None,
-        storage_options: storage.StorageOptions | None = None,
+        storage_options: StorageOptions | None = None,
     ):
         super().__init__()
         self.source, self.transform, self.env = source, transform, env
@@ -190,7 +191,7 @@ class ShardStream(IterableDataset):
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.verify = shuffle_buffer, verify
         self.policy = policy or ReadPolicy()
-        self.storage_options = storage_options or storage.options()
+        self.storage_options = storage_options or StorageOptions()  # pickled to workers
         self.skipped = SkipCounter(source.refs)
         self._epoch = multiprocessing.Value("q", 0, lock=False)  # seen by persistent workers
 
@@ -206,7 +207,7 @@ class ShardStream(IterableDataset):
         def skipped(piece: ShardSlice, missing: int | None, _: ShardReadError) -> None:
             self.skipped.add(piece, missing, cycle)
 
-        return iter_slice(piece, self.verify, self.policy, skipped)
+        return iter_slice(piece, self.verify, self.policy, skipped, self.storage_options)
 
     def _slot(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -239,7 +240,6 @@ class ShardStream(IterableDataset):
         return shuffle_filter(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        storage.configure(self.storage_options)  # a spawned worker starts from the defaults
         worker, slot, slots = self._slot()
         epoch = self.epoch
         rng = np.random.default_rng(derive_seed("augment", self.seed, epoch, self.env.rank, worker))
@@ -396,7 +396,7 @@ def build_train_loader(
         shuffle_buffer=cfg.shuffle_buffer,
         verify=cfg.verify_checksums,
         policy=read_policy(cfg),
-        storage_options=storage_options(cfg),
+        storage_options=StorageOptions.from_data_config(cfg),
     )
     log.info(
         "training data %s: %d samples, %d batches of %d per rank per epoch",
@@ -425,6 +425,6 @@ def build_eval_loader(
         num_workers=cfg.num_workers,
         verify=cfg.verify_checksums,
         policy=read_policy(cfg),
-        storage_options=storage_options(cfg),
+        storage_options=StorageOptions.from_data_config(cfg),
     )
     return EpochLoader(stream, cfg.num_workers, pin_memory=env.device.startswith("cuda"))

@@ -248,12 +248,14 @@ class HashingStream(io.RawIOBase):
         return redact_url(self.url)
 
 
-def buffered(stream: HashingStream) -> io.BufferedReader:
+def buffered(
+    stream: HashingStream, options: storage.StorageOptions | None = None
+) -> io.BufferedReader:
     """Big reads underneath the tar reader's 10 KiB records: one transport call per MiB (or per
-    ranged block of an object store, if ``block_size`` is smaller)."""
+    ranged block of an object store, if the options' ``block_size`` is smaller)."""
     size = READ_BUFFER
     if urls.protocol_of(stream.url) not in ("file", "pipe", "http", "https"):
-        size = min(size, storage.options().block_size)
+        size = min(size, (options or storage.DEFAULTS).block_size)
     return io.BufferedReader(stream, buffer_size=size)
 
 
@@ -262,16 +264,22 @@ def drain(stream: IO[bytes]) -> None:
     collections.deque(iter(functools.partial(stream.read, READ_CHUNK), b""), maxlen=0)
 
 
-def open_shard(url: str, policy: ReadPolicy | None = None, size: int | None = None):
+def open_shard(
+    url: str,
+    policy: ReadPolicy | None = None,
+    size: int | None = None,
+    options: storage.StorageOptions | None = None,
+):
     """Open a shard URL for streaming reads, resumable after transfer failures.
 
     ``size`` makes an early end of a remote stream a retried failure; a short local file or
-    ``pipe:`` output is what it is, and reported as truncated.
+    ``pipe:`` output is what it is, and reported as truncated. ``options``: how object stores
+    are reached (None: the defaults).
     """
     remote = urls.protocol_of(url) not in ("file", "pipe")
     if not remote:
         return ResumableStream(url, policy or ReadPolicy())
-    opener = functools.partial(storage.open_stream, size=size)
+    opener = functools.partial(storage.open_stream, size=size, options=options)
     return ResumableStream(url, policy or ReadPolicy(), size, opener)
 
 
@@ -284,7 +292,10 @@ def _member_stream(stream: IO[bytes], url: str, seen: list[str]) -> Iterator[dic
 
 
 def iter_shard(
-    ref: ShardRef, verify: bool = True, policy: ReadPolicy | None = None
+    ref: ShardRef,
+    verify: bool = True,
+    policy: ReadPolicy | None = None,
+    options: storage.StorageOptions | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield the samples of one shard (dicts of raw member bytes plus ``__key__``, ``__url__``).
 
@@ -294,11 +305,11 @@ def iter_shard(
     last_key: str | None = None
     count = 0
     try:
-        raw = open_shard(ref.url, policy, ref.bytes)
+        raw = open_shard(ref.url, policy, ref.bytes, options)
     except Exception as exc:  # a refusal (403), a missing object, a transport library's error
         raise ShardReadError(ref.url, None, f"cannot open: {failure(exc)}") from None
     hashing = HashingStream(raw, ref.url)
-    stream = buffered(hashing)
+    stream = buffered(hashing, options)
     seen = [""]  # key of the last member read
     completed = False
 
@@ -351,6 +362,7 @@ def iter_slice(
     verify: bool = True,
     policy: ReadPolicy | None = None,
     on_skip: SkipReport | None = None,
+    options: storage.StorageOptions | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The samples of a shard slice: every ``stride``-th sample from ``offset``.
 
@@ -362,7 +374,7 @@ def iter_slice(
     policy = policy or ReadPolicy()
     delivered = 0
     try:
-        for index, sample in enumerate(iter_shard(piece.ref, verify, policy)):
+        for index, sample in enumerate(iter_shard(piece.ref, verify, policy, options)):
             if index % piece.stride == piece.offset:
                 delivered += 1
                 yield sample
@@ -383,7 +395,8 @@ def iter_slice(
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
-    """webdataset ``gopen`` handler for object stores, so vanilla ``WebDataset(url)`` works."""
+    """webdataset ``gopen`` handler for object stores, so vanilla ``WebDataset(url)`` works
+    (with the default :class:`~cil_dist.storage.StorageOptions`)."""
     if mode.startswith("r"):
         return storage.open_stream(url)
     fs, path = storage.filesystem(url)

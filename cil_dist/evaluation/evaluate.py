@@ -28,6 +28,7 @@ from cil_dist.evaluation.metrics import (
 )
 from cil_dist.evaluation.visualize import channels_to_label_ids
 from cil_dist.protocol import TaskProtocol
+from cil_dist.storage import StorageOptions
 from cil_dist.training.checkpoint import model_from_checkpoint
 from cil_dist.training.precision import Precision
 
@@ -123,7 +124,9 @@ def evaluate_checkpoint(
     """``cil eval``: evaluate a checkpoint on a manifest split for the given task sets."""
     from cil_dist.training.precision import build_precision
 
-    model, payload = model_from_checkpoint(path, env.device)
+    model, payload = model_from_checkpoint(
+        path, env.device, StorageOptions.from_data_config(cfg.data)
+    )
     protocol = (
         TaskProtocol.from_dict(payload["protocol"], source=path)
         if "protocol" in payload

@@ -99,16 +99,19 @@ class WeightsFileError(CheckpointError):
         super().__init__(f"{path}: {reason}")
 
 
-def read_weights(path: str, lazy: bool = False) -> Any:
-    """``torch.load(weights_only=True)`` of a local file or an object-storage URL; ``lazy``
-    maps a local file instead of reading its tensors. :class:`WeightsFileError` names the file
-    (redacted) and why it does not load (never PyTorch's ``weights_only=False`` advice)."""
+def read_weights(
+    path: str, lazy: bool = False, options: storage.StorageOptions | None = None
+) -> Any:
+    """``torch.load(weights_only=True)`` of a local file or an object-storage URL (reached with
+    ``options``); ``lazy`` maps a local file instead of reading its tensors.
+    :class:`WeightsFileError` names the file (redacted) and why it does not load (never
+    PyTorch's ``weights_only=False`` advice)."""
     shown = urls.redact_url(path)
     try:
         if urls.is_local(path):
             local = urls.local_path(path)
             return torch.load(local, map_location="cpu", weights_only=True, mmap=lazy)
-        stream = io.BytesIO(storage.read_bytes(path))
+        stream = io.BytesIO(storage.read_bytes(path, options))
         return torch.load(stream, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsFileError(shown, "not found") from None
@@ -116,13 +119,16 @@ def read_weights(path: str, lazy: bool = False) -> Any:
         raise WeightsFileError(shown, load_failure(exc)) from None
 
 
-def load_checkpoint(path: str | Path, lazy: bool = False) -> dict[str, Any]:
-    """Load a cil-dist checkpoint, or a plain model state dict (published reference weights)."""
+def load_checkpoint(
+    path: str | Path, lazy: bool = False, options: storage.StorageOptions | None = None
+) -> dict[str, Any]:
+    """Load a cil-dist checkpoint, or a plain model state dict (published reference weights);
+    ``options``: how an object-storage URL is reached (None: the defaults)."""
     path = str(path)
-    if not storage.exists(path):
+    if not storage.exists(path, options):
         raise CheckpointError(f"{urls.redact_url(path)}: checkpoint not found")
     try:
-        payload = read_weights(path, lazy)
+        payload = read_weights(path, lazy, options)
     except WeightsFileError as exc:
         raise CheckpointError(f"{exc.path}: cannot load checkpoint: {exc.reason}") from None
     if not isinstance(payload, dict):
@@ -146,10 +152,10 @@ class CheckpointInfo:
     complete: bool  # the run trained every epoch it was configured for
 
 
-def describe(path: str | Path) -> CheckpointInfo:
+def describe(path: str | Path, options: storage.StorageOptions | None = None) -> CheckpointInfo:
     """Method, stage, epochs and classes of a checkpoint, cheaply (a local file is mapped, not
     read); :class:`CheckpointError` when it does not load."""
-    payload = load_checkpoint(path, lazy=True)
+    payload = load_checkpoint(path, lazy=True, options=options)
     return CheckpointInfo(
         path=str(path),
         method=payload.get("method"),
@@ -181,11 +187,13 @@ def restore(
     return TrainState(**payload["state"])
 
 
-def model_from_checkpoint(path: str, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+def model_from_checkpoint(
+    path: str, device: str, options: storage.StorageOptions | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """An ERFNet with the checkpoint's weights, in eval mode, and the checkpoint payload."""
     from cil_dist.model import ERFNet, load_state_dict_checked
 
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, options=options)
     model = ERFNet(num_classes_of(payload["model"], path))
     load_state_dict_checked(model, payload["model"])
     return model.to(device).eval(), payload

@@ -12,15 +12,19 @@ import logging
 import torch
 
 from cil_dist.model import ERFNet, load_state_dict_checked
+from cil_dist.storage import StorageOptions
 from cil_dist.training.checkpoint import CheckpointError, load_checkpoint, num_classes_of
 from cil_dist.training.precision import Precision
 
 log = logging.getLogger(__name__)
 
 
-def load_previous_state(path: str, expected_classes: int) -> dict[str, torch.Tensor]:
-    """Model weights of the previous stage's checkpoint, checked to cover ``expected_classes``."""
-    payload = load_checkpoint(path)
+def load_previous_state(
+    path: str, expected_classes: int, options: StorageOptions | None = None
+) -> dict[str, torch.Tensor]:
+    """Model weights of the previous stage's checkpoint, checked to cover ``expected_classes``
+    (``options``: how an object-storage URL is reached, the stage's data options)."""
+    payload = load_checkpoint(path, options=options)
     state = payload["model"]
     found = num_classes_of(state, path)
     if found != expected_classes:
@@ -32,11 +36,15 @@ def load_previous_state(path: str, expected_classes: int) -> dict[str, torch.Ten
 
 
 def load_teacher(
-    path: str, expected_classes: int, device: str, channels_last: bool = False
+    path: str,
+    expected_classes: int,
+    device: str,
+    channels_last: bool = False,
+    options: StorageOptions | None = None,
 ) -> ERFNet:
     """Build the frozen teacher from a checkpoint (cil-dist or a reference state dict)."""
     teacher = ERFNet(expected_classes)
-    load_state_dict_checked(teacher, load_previous_state(path, expected_classes))
+    load_state_dict_checked(teacher, load_previous_state(path, expected_classes, options))
     teacher.requires_grad_(False)
     teacher.eval()
     teacher.to(

@@ -28,6 +28,7 @@ from cil_dist.logs import setup_logging
 from cil_dist.model import ERFNet, build_model
 from cil_dist.model.sync_batchnorm import convert_sync_batchnorm
 from cil_dist.protocol import TaskProtocol
+from cil_dist.storage import StorageOptions
 from cil_dist.training import checkpoint as ckpt
 from cil_dist.training.losses import (
     cross_entropy,
@@ -182,7 +183,8 @@ def build_student(cfg: TrainConfig, plan: StagePlan, env: DistEnv) -> ERFNet:
     torch.manual_seed(cfg.seed)
     student = build_model(plan.num_classes, encoder_init=cfg.model.encoder_init or None)
     if plan.method == "finetune" and plan.uses_previous:
-        previous = load_previous_state(cfg.teacher.checkpoint, plan.num_old_classes)
+        options = StorageOptions.from_data_config(cfg.data)
+        previous = load_previous_state(cfg.teacher.checkpoint, plan.num_old_classes, options)
         init_from_previous(student, previous, plan.num_old_classes)
     if cfg.model.sync_batchnorm and env.distributed:
         if cfg.model.apex:
@@ -201,7 +203,7 @@ def check_manifest_protocol(source: ShardSource, cfg: TrainConfig, protocol: Tas
         return
     from cil_dist.data.manifest import Manifest
 
-    manifest = Manifest.load(cfg.data.manifest)
+    manifest = Manifest.load(cfg.data.manifest, StorageOptions.from_data_config(cfg.data))
     for name, city_set in protocol.city_sets().items():
         if name in manifest.splits and list(manifest.splits[name].cities) != list(city_set.cities):
             raise ConfigError(
@@ -225,7 +227,11 @@ def build(cfg: TrainConfig, env: DistEnv) -> Components:
     teacher = None
     if plan.uses_teacher:
         teacher = load_teacher(
-            cfg.teacher.checkpoint, plan.num_old_classes, env.device, cfg.model.channels_last
+            cfg.teacher.checkpoint,
+            plan.num_old_classes,
+            env.device,
+            cfg.model.channels_last,
+            StorageOptions.from_data_config(cfg.data),
         )
     precision = build_precision(cfg.precision, env)
     bare = build_student(cfg, plan, env)
@@ -307,7 +313,8 @@ def resume(parts: Components, cfg: TrainConfig, run_dir: Path) -> None:
             return
         path, payload = found
     else:
-        path, payload = Path(mode), ckpt.load_checkpoint(mode)
+        options = StorageOptions.from_data_config(cfg.data)
+        path, payload = Path(mode), ckpt.load_checkpoint(mode, options=options)
     if payload.get("format") != ckpt.FORMAT:
         raise ckpt.CheckpointError(f"{path}: a plain state dict cannot be resumed from")
     mine = (parts.plan.method, parts.plan.stage, parts.plan.num_classes)
