@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 
 from cil_dist.config import AugmentConfig
 from cil_dist.labels import IGNORE
@@ -129,51 +128,66 @@ def source_indices(
     return src_x, src_y, near_x, near_y, inside
 
 
-def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """PIL's ``ImageEnhance`` blend: ``other + factor · (image − other)``, clipped to [0, 255]."""
-    factor = factor.to(images.dtype).view(-1, 1, 1, 1)
-    return (other + factor * (images - other)).clamp_(0.0, 255.0)
-
-
 def grey(images: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) luma of (B, 3, H, W) images in [0, 255]."""
     r, g, b = images.unbind(1)
     return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
 
 
+def _factor(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return factor.to(images.dtype).view(-1, 1, 1, 1)
+
+
 def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(images, torch.zeros_like(images), factor)
+    """PIL's ``ImageEnhance.Brightness``: a blend with black, clipped to [0, 255]."""
+    return (images * _factor(images, factor)).clamp_(0.0, 255.0)
 
 
 def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's ``ImageEnhance.Contrast``: a blend with the image's mean grey."""
+    f = _factor(images, factor)
     mean = grey(images).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(images, mean.expand_as(images), factor)
+    return (images * f).add_(mean * (1 - f)).clamp_(0.0, 255.0)
 
 
 def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(images, grey(images).expand_as(images), factor)
+    """PIL's ``ImageEnhance.Color``: a blend with the grey image."""
+    f = _factor(images, factor)
+    return (images * f).add_(grey(images) * (1 - f)).clamp_(0.0, 255.0)
 
 
 def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the hue by ``round(shift · 255) / 256`` of the circle (the CPU path's 8-bit HSV
     step), keeping saturation and value."""
-    steps = torch.round(shift * 255).to(images.dtype).view(-1, 1, 1) / 256.0
-    r, g, b = (images / 255.0).unbind(1)
-    value, _ = torch.stack([r, g, b]).max(0)
-    low, _ = torch.stack([r, g, b]).min(0)
-    span = value - low
-    safe = torch.where(span > 0, span, torch.ones_like(span))
+    steps = torch.round(shift * 255).to(images.dtype).view(-1, 1, 1) * (6.0 / 256.0)
+    r, g, b = images.unbind(1)
+    value = torch.maximum(torch.maximum(r, g), b)
+    span = value - torch.minimum(torch.minimum(r, g), b)
+    safe = torch.where(span > 0, span, 1.0)
+    # hue in sixths of the circle, in [0, 6): sector by the largest channel
     hue = torch.where(
         value == r,
-        ((g - b) / safe) % 6,
-        torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4),
+        (g - b).div_(safe),
+        torch.where(value == g, (b - r).div_(safe).add_(2.0), (r - g).div_(safe).add_(4.0)),
     )
-    hue = torch.where(span > 0, hue / 6.0, torch.zeros_like(hue))
-    hue = (hue + steps) % 1.0
-    # HSV -> RGB: each channel from its offset on the hue circle
-    k = torch.stack([(5 + hue * 6) % 6, (3 + hue * 6) % 6, (1 + hue * 6) % 6], dim=1)
-    ramp = torch.clamp(torch.minimum(k, 4 - k), 0.0, 1.0)
-    return (value.unsqueeze(1) - span.unsqueeze(1) * ramp) * 255.0
+    hue = hue.masked_fill_(span == 0, 0.0).add_(steps).remainder_(6.0)
+    out = torch.empty_like(images)
+    for channel, offset in enumerate((5.0, 3.0, 1.0)):  # HSV -> RGB, channel by channel
+        k = (hue + offset).remainder_(6.0)
+        ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+        torch.sub(value, ramp.mul_(span), out=out[:, channel])
+    return out
+
+
+def bilinear_taps(source: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """The two source indices and the weight of the second, per output coordinate (clamped at
+    the border, as PIL and ``grid_sample(padding_mode="border")``)."""
+    low = torch.floor(source)
+    weight = source - low
+    low = low.long()
+    first = low.clamp(0, size - 1)
+    second = (low + 1).clamp(0, size - 1)
+    return first, second, weight
 
 
 class DeviceAugment:
@@ -194,27 +208,26 @@ class DeviceAugment:
         self, images: torch.Tensor, labels: torch.Tensor, params: AugmentParams
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rescale, crop (pad) and flip: float images (B, 3, ch, cw) in [0, 255], int64
-        labels."""
+        labels. Bilinear sampling is separable here (rows, then columns), so only the source
+        rows a crop needs are read, straight from the uint8 frames."""
         batch, h, w, _ = images.shape
-        cw, ch = self.crop
         src_x, src_y, near_x, near_y, inside = source_indices(params, (w, h), self.crop)
-        # grid_sample's normalised coordinates (align_corners=False): g = (2·src + 1) / size − 1
-        gx = ((2 * src_x + 1) / w - 1).float()[:, None, :].expand(batch, ch, cw)
-        gy = ((2 * src_y + 1) / h - 1).float()[:, :, None].expand(batch, ch, cw)
-        frames = images.permute(0, 3, 1, 2).float()
-        crops = F.grid_sample(
-            frames,
-            torch.stack([gx, gy], dim=-1),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
-        crops = crops * inside[:, None]  # padding is black, as the CPU path's
-        index = near_y[:, :, None] * w + near_x[:, None, :]  # (B, ch, cw) into the flat frame
-        crop_labels = labels.reshape(batch, -1).gather(1, index.reshape(batch, -1))
-        crop_labels = crop_labels.reshape(batch, ch, cw).long()
+        top, bottom, wy = bilinear_taps(src_y, h)
+        left, right, wx = bilinear_taps(src_x, w)
+        wy, wx = wy.float()[:, :, None, None], wx.float()[:, None, :, None]
+        crops = images.new_empty((batch, *self.crop[::-1], 3), dtype=torch.float32)
+        crop_labels = labels.new_empty((batch, *self.crop[::-1]), dtype=torch.int64)
+        for i in range(batch):  # index_select per sample: the fastest gather on CPU and GPU
+            frame = images[i]
+            upper = frame.index_select(0, top[i]).float()  # (ch, W, 3)
+            rows = upper.lerp_(frame.index_select(0, bottom[i]).float(), wy[i])
+            torch.lerp(
+                rows.index_select(1, left[i]), rows.index_select(1, right[i]), wx[i], out=crops[i]
+            )
+            crop_labels[i] = labels[i].index_select(0, near_y[i]).index_select(1, near_x[i])
+        crops = crops.mul_(inside[..., None])  # padding is black, as the CPU path's
         crop_labels = torch.where(inside, crop_labels, torch.full_like(crop_labels, IGNORE))
-        return crops, crop_labels
+        return crops.permute(0, 3, 1, 2).contiguous(), crop_labels
 
     def jitter(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Brightness → contrast → saturation → hue, in that fixed order (as the original)."""
