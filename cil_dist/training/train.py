@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from cil_dist.accel import require_apex
 from cil_dist.config import ConfigError, TrainConfig
+from cil_dist.data.cached_loader import CachedLoader, build_cached_loader
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_train_loader
 from cil_dist.data.shardlist import derive_seed
 from cil_dist.distributed import DistEnv, all_reduce_sum, barrier, process_group
@@ -62,7 +63,7 @@ class Components:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     precision: Precision
-    loader: EpochLoader
+    loader: EpochLoader | CachedLoader
     state: ckpt.TrainState
 
 
@@ -241,7 +242,10 @@ def build(cfg: TrainConfig, env: DistEnv) -> Components:
             bare, device_ids=[env.local_rank] if env.device.startswith("cuda") else None
         )
     optimizer = build_optimizer(bare.parameters(), cfg.optim)
-    loader = build_train_loader(cfg.data, source, plan.lut, env, seed=cfg.seed)
+    if cfg.data.cache == "none":
+        loader = build_train_loader(cfg.data, source, plan.lut, env, seed=cfg.seed)
+    else:  # decoded once per node; world-size-independent global batches
+        loader = build_cached_loader(cfg.data, source, plan.lut, env, seed=cfg.seed)
     return Components(
         plan,
         student,
