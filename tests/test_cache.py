@@ -20,7 +20,15 @@ import torch
 from omegaconf import OmegaConf
 
 from cil_dist.config import ConfigError, DataConfig
-from cil_dist.data.cache import CacheSpec, DecodedFrames, ensure, is_complete
+from cil_dist.data.cache import (
+    RESERVE,
+    CacheSpec,
+    DecodedFrames,
+    check_room,
+    ensure,
+    is_complete,
+    mem_available,
+)
 from cil_dist.data.cached_loader import build_cached_loader
 from cil_dist.data.global_order import GlobalOrder, epoch_permutation
 from cil_dist.data.pipeline import ShardSource
@@ -67,8 +75,15 @@ def test_the_cache_holds_exactly_the_decoded_and_resized_frames(manifest_path, t
 
 
 def _ensure_in_a_rank(rank: int, manifest: str, folder: str, out: str) -> None:
-    built = ensure(task1_spec(manifest, Path(folder)), workers=1)
-    Path(out, f"built{rank}").write_text(json.dumps(built))
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    dist.barrier()  # both ask for the cache at the same moment
+    try:
+        built = ensure(task1_spec(manifest, Path(folder)), workers=1)
+        Path(out, f"built{rank}").write_text(json.dumps(built))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_one_process_of_a_node_builds_the_others_map_it(manifest_path, tmp_path):
@@ -200,6 +215,21 @@ def test_a_cache_that_does_not_fit_is_refused_in_one_line(manifest_path, tmp_pat
     assert len(errors) == 1, done.stderr
     assert re.search(expected, errors[0]), errors[0]
     assert not list((tmp_path / "cache").glob("*.building"))
+
+
+def test_a_memory_cache_must_fit_in_memory_available_a_disk_cache_on_the_disk(
+    manifest_path, tmp_path
+):
+    available, free = mem_available(), shutil.disk_usage(tmp_path).free
+    needed = available - RESERVE + 10**9  # over MemAvailable − 1 GiB by 1 GB
+    if needed >= free:
+        pytest.skip("the test folder's disk is smaller than the memory")
+    width, frames = 1000, 8
+    height = -(-needed // (4 * width * frames))
+    spec = dataclasses.replace(task1_spec(manifest_path, tmp_path), size=(width, height))
+    with pytest.raises(ConfigError, match=r"needs .*MemAvailable − 1 GiB is .*data\.cache=disk"):
+        check_room(dataclasses.replace(spec, mode="memory"))
+    check_room(spec)  # the same cache fits on the disk
 
 
 def test_cache_settings_are_validated_in_one_line():
