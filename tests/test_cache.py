@@ -26,6 +26,7 @@ from cil_dist.data.cache import (
     DecodedFrames,
     check_room,
     ensure,
+    filesystem_type,
     is_complete,
     mem_available,
 )
@@ -230,6 +231,7 @@ def test_a_memory_cache_must_fit_in_memory_available_a_disk_cache_on_the_disk(
     with pytest.raises(ConfigError, match=r"needs .*MemAvailable − 1 GiB is .*data\.cache=disk"):
         check_room(dataclasses.replace(spec, mode="memory"))
     check_room(spec)  # the same cache fits on the disk
+    assert filesystem_type(Path("/proc/self")) == "proc"  # memory on a non-tmpfs: a warning
 
 
 def test_cache_settings_are_validated_in_one_line():

@@ -160,6 +160,24 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def filesystem_type(path: Path) -> str | None:
+    """The type of the file system holding ``path`` (``tmpfs``, ``ext4``…), from /proc/mounts."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    real, best, kind = os.path.realpath(path), "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
 def check_room(spec: CacheSpec) -> None:
     """Refuse (one line, naming the bytes needed) a cache that does not fit where it goes."""
     needed = spec.bytes_needed
@@ -173,6 +191,13 @@ def check_room(spec: CacheSpec) -> None:
                 "data.resize"
             )
         return
+    kind = filesystem_type(spec.root)
+    if kind not in (None, "tmpfs", "ramfs"):
+        log.warning(
+            "data.cache=memory: %s is on %s, not a tmpfs: the cache is written to that disk",
+            spec.root,
+            kind,
+        )
     available = mem_available()
     room = free if available is None else min(free, available - RESERVE)
     if needed > room:
