@@ -334,6 +334,20 @@ def test_a_mid_epoch_checkpoint_on_the_cache_resumes_with_identical_weights(
     resumed = run_training(config("interrupted"))
     assert_same_final(whole, resumed)
 
+    # a mid-epoch checkpoint written on other shards (another cache) is not resumed at its step
+    payload = ckpt.load_checkpoint(mid)
+    assert payload["sampler"]["order"] == "global" and payload["sampler"]["samples"] == 34
+    payload["sampler"]["cache"] = "0" * 24
+    payload.pop("format")
+    other = tmp_path / "other" / "checkpoints"
+    ckpt.save_checkpoint(other / mid.name, **payload)
+    with pytest.raises(
+        ConfigError,
+        match=r"epoch_0001_step_000002\.pt: a mid-epoch checkpoint "
+        r"\(epoch 2, step 2\) of another sample order: .*'cache': '0{24}'",
+    ):
+        run_training(config("other"))
+
 
 def _losses_of_a_run(rank: int, manifest: str, out: str) -> None:
     """Four steps of a joint run (global batch 6, SyncBatchNorm, no dropout); the global loss

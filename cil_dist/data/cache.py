@@ -336,6 +336,7 @@ class DecodedFrames:
     labels: np.ndarray  # (N, H, W) uint8 raw label ids
     keys: tuple[str, ...]  # sorted
     rows: np.ndarray  # rows[i]: the file row of keys[i]
+    digest: str = ""  # of the shards and resize (CacheSpec.digest)
 
     @classmethod
     def open(cls, folder: Path | str) -> DecodedFrames:
@@ -344,7 +345,8 @@ class DecodedFrames:
         images, labels = _arrays(folder, record["frames"], tuple(record["size"]), "r")
         file_keys = json.loads((folder / KEYS).read_text())
         rows = np.argsort(np.asarray(file_keys), kind="stable")
-        return cls(images, labels, tuple(file_keys[r] for r in rows), rows)
+        keys = tuple(file_keys[r] for r in rows)
+        return cls(images, labels, keys, rows, str(record["digest"]))
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -74,6 +74,16 @@ class CachedLoader:
     def close(self) -> None:
         """Nothing to stop (the prefetch thread ends with each epoch's iteration)."""
 
+    def sampler_state(self) -> dict[str, Any]:
+        """What, besides (seed, epoch, step), fixes the order: checkpointed, so a mid-epoch
+        resume on other data is refused rather than repeating or skipping samples."""
+        return {
+            "order": "global",
+            "samples": self.order.samples,
+            "global_batch": self.order.global_batch,
+            "cache": self.frames.digest,
+        }
+
     def batch(self, permutation: np.ndarray, step: int) -> dict[str, Any]:
         """This rank's part of global batch ``step``: uint8 frames, raw labels, keys and the
         augmentation parameters (drawn for the whole global batch, then sliced)."""
