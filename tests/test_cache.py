@@ -234,6 +234,29 @@ def test_a_memory_cache_must_fit_in_memory_available_a_disk_cache_on_the_disk(
     assert filesystem_type(Path("/proc/self")) == "proc"  # memory on a non-tmpfs: a warning
 
 
+def test_a_corrupt_shard_fails_the_build_in_one_line_and_leaves_nothing_to_read(
+    shard_dir, tmp_path
+):
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_dir, shards)
+    broken = shards / "task1" / "task1-000001.tar"
+    broken.write_bytes(broken.read_bytes()[:-3000])  # truncated in its last sample
+    cache = tmp_path / "cache"
+    config = tiny_yaml(
+        tmp_path, str(shards / "manifest.json"), cache="disk", cache_dir=str(cache)
+    )  # two build processes (the default): the error crosses from one of them
+    done = subprocess.run(
+        [BIN / "cil", "train", "--config", config], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, done.stderr
+    assert f"ERROR cil: shard {broken}: " in errors[0], errors
+    left = [p.name for p in cache.iterdir() if not p.name.endswith(".lock")]
+    assert len(left) == 1 and left[0].endswith(".building"), left  # the next build removes it
+
+
 def test_cache_settings_are_validated_in_one_line():
     cases = [
         (dict(cache="ram"), r"data\.cache: expected one of none, memory, disk, got 'ram'"),
