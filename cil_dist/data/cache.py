@@ -46,7 +46,6 @@ from cil_dist.data.manifest import ShardRef
 from cil_dist.data.reading import ReadPolicy, ShardReadError, iter_shard
 from cil_dist.data.transforms import decode_pair, resize_pair
 from cil_dist.storage import StorageOptions
-from cil_dist.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -312,20 +311,18 @@ def _build(
         keys = [_fill_shard(task) for task in tasks]
     else:
         context = multiprocessing.get_context("fork")  # the shard reader is fork-safe
-        with ProcessPoolExecutor(workers, context, initializer=_worker_init) as pool:
+        pool = ProcessPoolExecutor(workers, context, initializer=_worker_init)
+        try:
             keys = list(pool.map(_fill_shard, tasks))
+        finally:  # a failed shard: the shards not started are not read
+            pool.shutdown(cancel_futures=True)
     rows = [key for shard in keys for key in shard]
     (spec.building / KEYS).write_text(json.dumps(rows))
     for name in (IMAGES, LABELS, KEYS):
         with (spec.building / name).open("rb+") as handle:
             os.fsync(handle.fileno())
     (spec.building / COMPLETE).write_text(json.dumps(spec.record()))
-    log.info(
-        "decoded cache built in %.1f s (%s)",
-        time.perf_counter() - start,
-        ", ".join(redact_url(ref.url) for ref in spec.refs[:2])
-        + (", ..." if len(spec.refs) > 2 else ""),
-    )
+    log.info("decoded cache built in %.1f s", time.perf_counter() - start)
 
 
 @dataclass(frozen=True)
