@@ -15,7 +15,7 @@ Epoch 1 is reported apart (worker start-up); the rates are of epochs 2..N.
 The last line is ``ratio=X.XX`` (cache / shards, samples/s per core).
 
     python bench/cache.py [--frames-per-city 6] [--samples-per-shard 4] [--workers 2]
-                          [--epochs 4] [--batch-size 6]
+                          [--epochs 4] [--batch-size 6] [--frame 1024x512] [--crop 640x192]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from cil_dist.config import DataConfig
+from cil_dist.config import AugmentConfig, DataConfig
 from cil_dist.data.cached_loader import build_cached_loader
 from cil_dist.data.pipeline import ShardSource, build_train_loader
 from cil_dist.distributed import DistEnv
@@ -56,6 +56,11 @@ def epochs_timed(loader, epochs: int) -> tuple[float, float, int]:
     return first, count / later, count
 
 
+def size(text: str) -> tuple[int, int]:
+    width, height = text.split("x")
+    return int(width), int(height)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames-per-city", type=int, default=6)
@@ -63,6 +68,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--frame", type=size, default=(1024, 512), help="WxH of the shards")
+    parser.add_argument("--crop", type=size, default=(640, 192), help="WxH")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs: at least 2 (epoch 1 is reported apart)")
@@ -72,10 +79,12 @@ def main() -> None:
     lut = protocol.stage_lut(1)
     with tempfile.TemporaryDirectory() as tmp:
         root, out = Path(tmp) / "cityscapes", Path(tmp) / "shards"
-        generate(root, protocol, images_per_city=args.frames_per_city, size=(1024, 512), seed=0)
-        pack(root, str(out), protocol, size=(1024, 512), samples_per_shard=args.samples_per_shard)
+        generate(root, protocol, images_per_city=args.frames_per_city, size=args.frame, seed=0)
+        pack(root, str(out), protocol, size=args.frame, samples_per_shard=args.samples_per_shard)
         common = dict(
             manifest=str(out / "manifest.json"),
+            resize=list(args.frame),
+            augment=AugmentConfig(crop=list(args.crop)),
             global_batch_size=args.batch_size,
             num_workers=args.workers,
             shuffle_buffer=16,
@@ -92,7 +101,8 @@ def main() -> None:
         build = time.perf_counter() - start
         cache_first, cache_rate, cache_n = epochs_timed(cached, args.epochs)
     cores = max(1, args.workers)
-    print(f"frames: {source.samples} (task 1), shards 1024x512 PNG, crop 640x192, batch "
+    (fw, fh), (cw, ch) = args.frame, args.crop
+    print(f"frames: {source.samples} (task 1), shards {fw}x{fh} PNG, crop {cw}x{ch}, batch "
           f"{args.batch_size}, epochs 2..{args.epochs} timed")  # fmt: skip
     print(
         f"shards ({args.workers} workers):  {shard_rate / cores:7.2f} samples/s/core "
