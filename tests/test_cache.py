@@ -372,6 +372,32 @@ def test_a_mid_epoch_checkpoint_on_the_cache_resumes_with_identical_weights(
         run_training(config("other"))
 
 
+def _train_beside_a_slow_build(rank: int, manifest: str, out: str) -> None:
+    """Rank 0's node has its cache; rank 1's builds it, slowly, past dist.timeout_s."""
+    import time
+
+    import cil_dist.data.cache as cache
+    from cil_dist.training.train import run_training
+
+    cfg = tiny_train_config(manifest, Path(out), name="skew", method="joint")
+    cfg.data.cache, cfg.data.cache_dir = "disk", str(Path(out) / f"node{rank}")
+    cfg.data.global_batch_size, cfg.data.cache_build_workers = 6, 1
+    cfg.dist.timeout_s, cfg.checkpoint.every_epochs = 2.0, 0
+    if rank == 1:
+        fill = cache._fill_shard
+        cache._fill_shard = lambda task: (time.sleep(0.5), fill(task))[1]  # 12 shards: 6 s
+    run_training(cfg)
+
+
+def test_a_node_building_its_cache_does_not_time_out_a_node_that_has_one(manifest_path, tmp_path):
+    cfg = tiny_train_config(manifest_path, tmp_path, method="joint")
+    cfg.data.cache, cfg.data.cache_dir = "disk", str(tmp_path / "node0")
+    refs = ShardSource.from_manifest(manifest_path, ["task1", "task2", "task3"]).refs
+    assert ensure(CacheSpec.of(cfg.data, refs))  # rank 0's node: built before the job
+    run_ranks(_train_beside_a_slow_build, 2, manifest_path, str(tmp_path))
+    assert (tmp_path / "skew" / "checkpoints" / "final.pt").is_file()
+
+
 def _losses_of_a_run(rank: int, manifest: str, out: str) -> None:
     """Four steps of a joint run (global batch 6, SyncBatchNorm, no dropout); the global loss
     of every step (the ranks' mean) into ``out/world{W}.json``. In float64: in float32 the

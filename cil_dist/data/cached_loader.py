@@ -15,6 +15,8 @@ import collections
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,9 @@ from cil_dist.storage import StorageOptions
 log = logging.getLogger(__name__)
 
 PREFETCH = 2  # batches gathered ahead of the training step
+# how long the ranks wait for each other's cache build: a node that builds while another's
+# cache is ready would otherwise hold that node's first collective past dist.timeout_s
+BUILD_WAIT = timedelta(hours=6)
 
 
 class NoSkips:
@@ -142,19 +147,38 @@ class CachedLoader:
         return self.augment(images, labels, batch["augment"], memory_format)
 
 
+@contextmanager
+def ranks_wait_for_the_builds(env: DistEnv) -> Iterator[None]:
+    """All ranks leave the block together, waiting up to :data:`BUILD_WAIT` (a gloo group of
+    its own: the process group's ``dist.timeout_s`` is not meant for a build)."""
+    import torch.distributed as dist
+
+    if not (env.distributed and dist.is_initialized()):
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=BUILD_WAIT)
+    try:
+        yield
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
+
+
 def build_cached_loader(
     cfg: DataConfig, source: ShardSource, lut: np.ndarray, env: DistEnv, seed: int
 ) -> CachedLoader:
     """The training loader of ``data.cache: memory | disk``: builds the node's cache if it is
-    missing or incomplete (the first local process to get its lock), then maps it."""
+    missing or incomplete (the first local process to get its lock), waits for the other
+    nodes' builds, then maps it."""
     spec = CacheSpec.of(cfg, source.refs)
-    ensure(
-        spec,
-        verify=cfg.verify_checksums,
-        policy=read_policy(cfg),
-        options=StorageOptions.from_data_config(cfg),
-        workers=cfg.cache_build_workers,
-    )
+    with ranks_wait_for_the_builds(env):
+        ensure(
+            spec,
+            verify=cfg.verify_checksums,
+            policy=read_policy(cfg),
+            options=StorageOptions.from_data_config(cfg),
+            workers=cfg.cache_build_workers,
+        )
     frames = DecodedFrames.open(spec.dir)
     rank_batch = cfg.rank_batch_size(env.world_size)
     order = GlobalOrder(len(frames), rank_batch * env.world_size, seed)
