@@ -189,23 +189,18 @@ def tiny_yaml(folder: Path, manifest: str, **data) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    ("mode", "expected"),
-    [
-        ("memory", r"ERROR cil: data\.cache: memory: the decoded cache of 8 frames at "
-                   r"400000x200000 needs 2\.6 TB \(2560000000000 bytes\); .* has .* free, "
-                   r"MemAvailable − 1 GiB is .*; use data\.cache=disk with data\.cache_dir="),
-        ("disk", r"ERROR cil: data\.cache_dir: .*cache has .* free, the decoded cache of 8 "
-                 r"frames at 400000x200000 needs 2\.6 TB \(2560000000000 bytes\)"),
-    ],
-)  # fmt: skip
-def test_a_cache_that_does_not_fit_is_refused_in_one_line(manifest_path, tmp_path, mode, expected):
+def test_a_cache_that_does_not_fit_is_refused_in_one_line(manifest_path, tmp_path):
     config = tiny_yaml(
         tmp_path,
         manifest_path,
-        cache=mode,
+        cache="memory",
         cache_dir=str(tmp_path / "cache"),
         resize=[400000, 200000],
+    )
+    expected = (
+        r"ERROR cil: data\.cache: memory: the decoded cache of 8 frames at 400000x200000 needs "
+        r"2\.6 TB \(2560000000000 bytes\); .*cache has .* free, MemAvailable − 1 GiB is .*; "
+        r"use data\.cache=disk with data\.cache_dir="
     )
     done = subprocess.run(
         [BIN / "cil", "train", "--config", config], capture_output=True, text=True, timeout=120
@@ -221,17 +216,21 @@ def test_a_cache_that_does_not_fit_is_refused_in_one_line(manifest_path, tmp_pat
 def test_a_memory_cache_must_fit_in_memory_available_a_disk_cache_on_the_disk(
     manifest_path, tmp_path
 ):
+    spec = task1_spec(manifest_path, tmp_path)  # on a disk
+    disk = r"data\.cache_dir: .* has .* free, the decoded cache of 8 frames at 400000x200000"
+    with pytest.raises(ConfigError, match=rf"{disk} needs 2\.6 TB \(2560000000000 bytes\)"):
+        check_room(dataclasses.replace(spec, size=(400000, 200000)))
+    assert filesystem_type(Path("/proc/self")) == "proc"  # memory on a non-tmpfs: a warning
     available, free = mem_available(), shutil.disk_usage(tmp_path).free
     needed = available - RESERVE + 10**9  # over MemAvailable − 1 GiB by 1 GB
     if needed >= free:
         pytest.skip("the test folder's disk is smaller than the memory")
     width, frames = 1000, 8
     height = -(-needed // (4 * width * frames))
-    spec = dataclasses.replace(task1_spec(manifest_path, tmp_path), size=(width, height))
+    spec = dataclasses.replace(spec, size=(width, height))
     with pytest.raises(ConfigError, match=r"needs .*MemAvailable − 1 GiB is .*data\.cache=disk"):
         check_room(dataclasses.replace(spec, mode="memory"))
     check_room(spec)  # the same cache fits on the disk
-    assert filesystem_type(Path("/proc/self")) == "proc"  # memory on a non-tmpfs: a warning
 
 
 def test_a_corrupt_shard_fails_the_build_in_one_line_and_leaves_nothing_to_read(
