@@ -34,12 +34,12 @@ log() { echo "[multinode-cluster] $*" >&2; }
 
 network_up() {  # bridge on the host, one namespace + veth per node, /etc/hosts entries
   ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
-  ip addr show dev "$BRIDGE" | grep -q "$HOST_ADDR/" || ip addr add "$HOST_ADDR/24" dev "$BRIDGE"
+  grep -q "inet $HOST_ADDR/" <<<"$(ip addr show dev "$BRIDGE")" || ip addr add "$HOST_ADDR/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   local i node veth
   for i in "${!NODES[@]}"; do
     node=${NODES[$i]} veth=cilmn$((i + 1))
-    ip netns list | grep -qw "^$node" || ip netns add "$node"
+    grep -qw "^$node" <<<"$(ip netns list)" || ip netns add "$node"
     if ! ip link show "$veth" >/dev/null 2>&1; then
       ip link add "$veth" type veth peer name "$veth-p"
       ip link set "$veth-p" netns "$node"
@@ -59,7 +59,7 @@ network_down() {
   local i node
   for i in "${!NODES[@]}"; do
     node=${NODES[$i]}
-    if ip netns list | grep -qw "^$node"; then
+    if grep -qw "^$node" <<<"$(ip netns list)"; then
       ip netns pids "$node" | xargs -r kill -9 2>/dev/null || true
       ip netns del "$node"
     fi
@@ -143,10 +143,10 @@ start_node() {  # slurmd in the node's network namespace, with its hostname (UTS
   grep -q "^slurmd-$node " "$STATE/started" || started "slurmd-$node" "$STATE/slurmd-$node.pid"
 }
 
-wait_nodes_idle() {
+wait_nodes_up() {  # responding (a node finishing a job is up too), not down or drained
   local node
   for node in "${NODES[@]}"; do
-    wait_for "node $node idle" bash -c "sinfo -h -n $node -o %t | grep -qx idle"
+    wait_for "node $node up" bash -c "sinfo -h -n $node -o %t | grep -qxE 'idle|mix|alloc|comp'"
   done
 }
 
@@ -158,7 +158,7 @@ start() {
     for node in "${NODES[@]}"; do
       node_alive "$node" || { log "restarting $node"; start_node "$node"; }
     done
-    wait_nodes_idle
+    wait_nodes_up
     log "running ($STATE)"; return
   fi
   [ -f "$STATE/started" ] && stop
@@ -181,7 +181,7 @@ start() {
   wait_for slurmctld scontrol ping
   local node
   for node in "${NODES[@]}"; do start_node "$node"; done
-  wait_nodes_idle
+  wait_nodes_up
   log "up: SLURM_CONF=$CONF, nodes ${NODES[*]} (${ADDRS[*]}) with $CPUS CPUs each"
 }
 
