@@ -33,7 +33,7 @@ NODES = ("cilnode1", "cilnode2")
 CHAIN_TIMEOUT_S = 300
 TWO_NODES = {"nodes": 2, "tasks_per_node": 1}
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def namespaces_unavailable() -> str:
@@ -137,7 +137,9 @@ def test_losing_a_node_ends_the_job_and_resubmission_resumes(slurm_conf, tmp_pat
     ) != [slurmd_pid("cilnode1")]:
         assert time.monotonic() - killed_at < 60, (sacct_states([job_id]), node_pids("cilnode1"))
         time.sleep(0.5)
-    log.info("job %s ended %.1f s after cilnode2 was killed", job_id, time.monotonic() - killed_at)
+    logger.info(
+        "job %s ended %.1f s after cilnode2 was killed", job_id, time.monotonic() - killed_at
+    )
     assert sacct_states([job_id])[job_id] == "NODE_FAIL"
     record = refresh(st.ChainState.load(run)).jobs["s1"]
     assert record.state == st.FAILED and "198.18.0.12" in record.error, record  # the lost peer
