@@ -32,6 +32,7 @@ CONF = os.environ.get("CIL_SLURM_MN_DIR", "/tmp/cil-slurm-mn") + "/etc/slurm.con
 NODES = ("cilnode1", "cilnode2")
 CHAIN_TIMEOUT_S = 300
 TWO_NODES = {"nodes": 2, "tasks_per_node": 1}
+EPOCHS = 12  # of the stage that loses a node: it is killed after the first checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def test_losing_a_node_ends_the_job_and_resubmission_resumes(slurm_conf, tmp_pat
     # job ends as NODE_FAIL (a requeued job keeps its id, and cilnode2's returning slurmd would
     # kill the new run as the lost one's leftover)
     resources = {**TWO_NODES, "sbatch": {"no_requeue": True}}
-    path = one_stage(tmp_path, manifest_path, resources, 40, overrides=["dist.timeout_s=20"])
+    path = one_stage(tmp_path, manifest_path, resources, EPOCHS, overrides=["dist.timeout_s=20"])
     run = tmp_path / "run"
     job_id = submit_chain(load_chain(str(path)), run, "slurm").jobs["s1"].job_id
     checkpoints = run / "stages" / "s1" / "checkpoints"
@@ -151,6 +152,6 @@ def test_losing_a_node_ends_the_job_and_resubmission_resumes(slurm_conf, tmp_pat
     assert final.jobs["s1"].state == st.COMPLETED, final.jobs["s1"]
     log = Path(final.jobs["s1"].log).read_text().split("attempt 2")[-1]
     resumed_at = int(log.split("resumed from")[1].split("at epoch ")[1].split(",")[0])
-    assert saved <= resumed_at < 40  # at least the checkpoint that existed at the kill
+    assert saved <= resumed_at < EPOCHS  # at least the checkpoint that existed at the kill
     assert st.read_status(run, "s1")["attempts"] == 2
     assert (checkpoints / "final.pt").is_file()
