@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 def submit_one(chain_state: st.ChainState, job: JobSpec, run_dir: Path, kind: str, after=None):
     record = chain_state.jobs[job.name]
     st.clear_ranks(run_dir, job.name)
+    if st.read_status(run_dir, job.name).get("state") == st.FAILED:  # a resubmitted failure:
+        st.write_status(run_dir, job.name, state=st.PENDING)  # not failed before it starts
     executor = make_executor(kind, job.resources, run_dir, f"{chain_state.name}.{job.name}", after)
     submitted = executor.submit(job_for(job, run_dir))
     record.job_id, record.state, record.error = str(submitted.job_id), st.PENDING, ""

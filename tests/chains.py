@@ -55,9 +55,10 @@ def final_weights(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def cluster(command: str) -> subprocess.CompletedProcess:
+def cluster(command: str, script: Path = CLUSTER_SCRIPT) -> subprocess.CompletedProcess:
+    """Run ``script start|stop`` (default: the single-node cluster's)."""
     return subprocess.run(
-        ["bash", str(CLUSTER_SCRIPT), command], capture_output=True, text=True, timeout=600
+        ["bash", str(script), command], capture_output=True, text=True, timeout=600
     )
 
 

@@ -179,6 +179,9 @@ stop() {
   rm -f "$STATE/started"
 }
 
+# Sourced (launch/slurm/multinode_cluster.sh re-uses the functions above): define only.
+[[ "${BASH_SOURCE[0]}" == "$0" ]] || return 0
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;

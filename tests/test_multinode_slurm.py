@@ -1,0 +1,157 @@
+"""Chains on a real 2-node SLURM cluster: each slurmd in its own network and UTS namespace.
+
+``launch/slurm/multinode_cluster.sh`` runs slurmctld/slurmdbd on the host and nodes cilnode1
+(198.18.0.11) and cilnode2 (198.18.0.12) behind a bridge, so rank 0 and rank 1 of a
+``nodes: 2, tasks_per_node: 1`` stage run on different hosts and talk over gloo between
+namespaces. The session fixture starts the cluster (beside the single-node one of
+``test_slurm.py``) and stops it afterwards, unless it was already running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import state as st
+from launch.chain import load_chain
+from launch.monitor import refresh, sacct_states, wait_for_chain
+from launch.submit import submit_chain
+from tests.chains import cluster, cluster_running, final_weights, write_chain
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "multinode_cluster.sh"
+CONF = os.environ.get("CIL_SLURM_MN_DIR", "/tmp/cil-slurm-mn") + "/etc/slurm.conf"
+NODES = ("cilnode1", "cilnode2")
+CHAIN_TIMEOUT_S = 300
+TWO_NODES = {"nodes": 2, "tasks_per_node": 1}
+EPOCHS = 12  # of the stage that loses a node: it is killed after the first checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def namespaces_unavailable() -> str:
+    """Why this machine cannot host the cluster ('' when it can)."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, veth, bridge)"
+    for tool in ("ip", "unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    if subprocess.run(["unshare", "--uts", "--net", "true"], capture_output=True).returncode:
+        return "unshare --uts --net is not permitted here"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def multinode():
+    """The running 2-node cluster's slurm.conf."""
+    why = namespaces_unavailable()
+    if why:
+        pytest.skip(f"2-node SLURM cluster: {why}")
+    was_running = cluster_running(CONF)
+    started = cluster("start", SCRIPT)  # also restarts a node left dead
+    assert started.returncode == 0, f"2-node SLURM cluster did not start:\n{started.stderr}"
+    yield CONF
+    if not was_running:
+        cluster("stop", SCRIPT)
+
+
+@pytest.fixture
+def slurm_conf(multinode, monkeypatch) -> str:
+    """Point sbatch, sacct and submitit at the 2-node cluster for one test."""
+    monkeypatch.setenv("SLURM_CONF", multinode)
+    return multinode
+
+
+def one_stage(folder: Path, manifest: str, resources: dict, epochs: int, **extra) -> Path:
+    stages = {"s1": {"method": "cil", "stage": 1, "resources": resources}}
+    return write_chain(folder, manifest, stages, epochs=epochs, **extra)
+
+
+def test_two_node_stage_has_a_rank_per_node_and_matches_one_node(
+    slurm_conf, tmp_path, manifest_path
+):
+    runs = {}
+    for name, resources in (("two", TWO_NODES), ("one", {"nodes": 1, "tasks_per_node": 2})):
+        path = one_stage(tmp_path / name, manifest_path, resources, epochs=2)
+        runs[name] = tmp_path / name / "run"
+        submit_chain(load_chain(str(path)), runs[name], "slurm")
+    for run in runs.values():
+        final = wait_for_chain(run, poll_s=1, timeout_s=CHAIN_TIMEOUT_S)
+        assert final.jobs["s1"].state == st.COMPLETED, final.jobs["s1"]
+    hosts = {r["rank"]: r["host"] for r in st.rank_records(runs["two"], "s1")}
+    assert hosts == {0: "cilnode1", 1: "cilnode2"}  # each rank's own gethostname()
+    assert set(st.rank_records(runs["one"], "s1")[i]["host"] for i in (0, 1)) < set(NODES)
+    assert st.read_status(runs["two"], "s1")["world_size"] == 2
+    two, one = final_weights(runs["two"], "s1"), final_weights(runs["one"], "s1")
+    assert two.keys() == one.keys()
+    for key in two:
+        assert (two[key] == one[key]).all(), key
+
+
+def node_pids(node: str) -> list[int]:
+    listed = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True)
+    return [int(pid) for pid in listed.stdout.split()]
+
+
+def kill_node(node: str) -> list[int]:
+    """SIGKILL every process of the node: its slurmd, slurmstepd and the ranks it runs."""
+    pids = node_pids(node)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    return pids
+
+
+def slurmd_pid(node: str) -> int:
+    return int((Path(CONF).parents[1] / f"slurmd-{node}.pid").read_text())
+
+
+def test_losing_a_node_ends_the_job_and_resubmission_resumes(slurm_conf, tmp_path, manifest_path):
+    # dist.timeout_s bounds a collective that never hears from the lost rank; --no-requeue: the
+    # job ends as NODE_FAIL (a requeued job keeps its id, and cilnode2's returning slurmd would
+    # kill the new run as the lost one's leftover)
+    resources = {**TWO_NODES, "sbatch": {"no_requeue": True}}
+    path = one_stage(tmp_path, manifest_path, resources, EPOCHS, overrides=["dist.timeout_s=20"])
+    run = tmp_path / "run"
+    job_id = submit_chain(load_chain(str(path)), run, "slurm").jobs["s1"].job_id
+    checkpoints = run / "stages" / "s1" / "checkpoints"
+    deadline = time.monotonic() + CHAIN_TIMEOUT_S
+    while not list(checkpoints.glob("epoch_*.pt")):
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.2)
+    saved = max(int(p.stem.split("_")[1]) for p in checkpoints.glob("epoch_*.pt"))
+    assert len(node_pids("cilnode1")) > 1  # slurmd, the batch script, srun, rank 0
+    assert kill_node("cilnode2")
+    killed_at = time.monotonic()
+    # the allocation ends (NODE_FAIL) and nothing of the job is left on
+    # cilnode1: rank 0 did not hang at a collective with the lost rank
+    while sacct_states([job_id]).get(job_id) in ("RUNNING", "COMPLETING") or node_pids(
+        "cilnode1"
+    ) != [slurmd_pid("cilnode1")]:
+        assert time.monotonic() - killed_at < 60, (sacct_states([job_id]), node_pids("cilnode1"))
+        time.sleep(0.5)
+    logger.info(
+        "job %s ended %.1f s after cilnode2 was killed", job_id, time.monotonic() - killed_at
+    )
+    assert sacct_states([job_id])[job_id] == "NODE_FAIL"
+    record = refresh(st.ChainState.load(run)).jobs["s1"]
+    assert record.state == st.FAILED and "198.18.0.12" in record.error, record  # the lost peer
+    restarted = cluster("start", SCRIPT)  # brings cilnode2 back
+    assert restarted.returncode == 0, restarted.stderr
+    resubmitted = submit_chain(load_chain(str(path)), run, "slurm")
+    assert resubmitted.jobs["s1"].job_id != job_id
+    final = wait_for_chain(run, poll_s=1, timeout_s=CHAIN_TIMEOUT_S)
+    assert final.jobs["s1"].state == st.COMPLETED, final.jobs["s1"]
+    log = Path(final.jobs["s1"].log).read_text().split("attempt 2")[-1]
+    resumed_at = int(log.split("resumed from")[1].split("at epoch ")[1].split(",")[0])
+    assert saved <= resumed_at < EPOCHS  # at least the checkpoint that existed at the kill
+    assert st.read_status(run, "s1")["attempts"] == 2
+    assert (checkpoints / "final.pt").is_file()
