@@ -1,18 +1,26 @@
-"""Benchmark: shard pipeline vs a folder loader in the reference's style, samples/s per core.
+"""Benchmark: the decoded cache and the shard pipeline vs a folder loader in the reference's
+style, samples/s per core in epochs 2..N.
 
-Both produce identical tensors shapes with the same augmentation (the paper's): the folder
+All produce identical tensor shapes with the same augmentation (the paper's): the folder
 loader opens the full-resolution 2048x1024 PNG image and label of each frame and resizes to
 1024x512 per sample, as the reference did; the shard pipeline streams 1024x512 PNGs from
 webdataset shards, ships uint8 tensors and normalises them in the training process (as the
-trainer does on its device). Both run with the same number of DataLoader workers, measured in
-this run, and are timed until float images and int64 labels are in the training process.
-The last line is ``ratio=X.XX`` (shard pipeline / folder loader, samples/s per core).
+trainer does on its device); the decoded cache (``data.cache: disk``, in a temporary folder)
+is built from the same shards (timed apart), then every epoch gathers uint8 frames from its
+mapping (a prefetch thread) and augments them with ``cil_dist.data.device_augment`` in the
+training process, here on the CPU with one torch thread. All are timed until float images and
+int64 labels are in the training process, over epochs 2..N (epoch 1 starts the workers). Per
+core: the folder and shard loaders divide by their DataLoader workers; the cache row divides
+by the CPU seconds of its process (training thread and prefetch thread together).
+The last lines are ``cache/folder=``, ``cache/shards=`` and ``ratio=X.XX`` (shard pipeline /
+folder loader, samples/s per core).
 
-``--transports local,http,s3`` adds, before that line, one row per way of reaching the same
-shards: the local folder, a loopback HTTP server (Python's file server), S3 on loopback
-(moto's server, the shards packed straight into it, read through s3fs) and ``s3+<N>ms``, the
-same S3 behind a proxy that holds every request N ms (a distant store's time to first byte),
-each with its samples/s per core and its ratio to local.
+``--transports local,http,s3`` adds one row per way of reaching the same shards: the local
+folder, a loopback HTTP server (Python's file server), S3 on loopback (moto's server, the
+shards packed straight into it, read through s3fs) and ``s3+<N>ms``, the same S3 behind a
+proxy that holds every request N ms (a distant store's time to first byte), each with the
+shard pipeline's samples/s per core and the cache's samples/s (built from that transport),
+with their ratios to local.
 
     python bench/data_pipeline.py [--frames-per-city 6] [--samples-per-shard 4] [--workers 2]
                                   [--epochs 6]
@@ -36,7 +44,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cil_dist.config import DataConfig
-from cil_dist.data.pipeline import EpochLoader, ShardSource, build_train_loader
+from cil_dist.data.cached_loader import build_cached_loader
+from cil_dist.data.pipeline import ShardSource, build_train_loader
 from cil_dist.data.transforms import SegmentationTransform
 from cil_dist.distributed import DistEnv
 from cil_dist.logs import setup_logging
@@ -77,23 +86,43 @@ class FolderDataset(Dataset):
         return image, label
 
 
-def throughput(loader, epochs: int) -> tuple[float, int, tuple]:
-    """Samples/s until float, normalised images and int64 labels are in the training process
-    (the shard loaders ship uint8 and normalise there, as the trainer does on its device)."""
-    count, shape = 0, None
-    start = time.perf_counter()
+def throughput(loader, epochs: int) -> tuple[float, float, int, tuple]:
+    """``(samples/s, samples per CPU-second of this process, samples, shape)`` of epochs
+    2..N, until float, normalised images and int64 labels are in the training process (the
+    shard and cache loaders ship uint8 and finish on the device, here the CPU)."""
+    count, shape, seconds, cpu = 0, None, 0.0, 0.0
     for epoch in range(epochs):
-        if isinstance(loader, EpochLoader):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         for batch in loader:
-            if isinstance(loader, EpochLoader):
+            if hasattr(loader, "to_device"):
                 images, labels = loader.to_device(batch, "cpu")
             else:
                 images, labels = batch
             assert images.dtype == torch.float32 and labels.dtype == torch.int64
-            count += images.shape[0]
+            count += images.shape[0] if epoch else 0
             shape = tuple(images.shape[1:])
-    return count / (time.perf_counter() - start), count, shape
+        if epoch:  # epoch 1: worker start-up
+            seconds += time.perf_counter() - start
+            cpu += time.process_time() - start_cpu
+    return count / seconds, count / cpu, count, shape
+
+
+def cached_loader(manifest: str, endpoint: str, cache_dir: str, args, lut):
+    """The decoded cache's loader over ``manifest`` (built here, timed apart)."""
+    cfg = DataConfig(
+        manifest=manifest,
+        endpoint_url=endpoint,
+        batch_size=args.batch_size,
+        cache="disk",
+        cache_dir=cache_dir,
+        cache_build_workers=args.workers,
+    )
+    source = ShardSource.from_config(cfg, "task1")
+    start = time.perf_counter()
+    loader = build_cached_loader(cfg, source, lut, DistEnv(), seed=0)
+    return loader, time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -143,7 +172,8 @@ def store_latency(kind: str) -> float:
     return int(text[:-2]) / 1000
 
 
-def transport_rows(args, out: Path, root: Path, protocol, lut) -> list[tuple[str, float, int]]:
+def transport_rows(args, out: Path, root: Path, protocol, lut, tmp: str) -> list[tuple]:
+    """Per transport: ``(kind, shard samples/s, cached samples/s, cached build seconds)``."""
     rows = []
     for kind in [t for t in args.transports.split(",") if t]:
         with transport_manifest(kind, out, root, protocol, args.samples_per_shard) as found:
@@ -157,8 +187,10 @@ def transport_rows(args, out: Path, root: Path, protocol, lut) -> list[tuple[str
             )
             source = ShardSource.from_config(cfg, "task1")
             loader = build_train_loader(cfg, source, lut, DistEnv(), seed=0)
-            rate, count, _ = throughput(loader, args.epochs)
-            rows.append((kind, rate, count))
+            rate = throughput(loader, args.epochs)[0]
+            loader.close()
+            cached, build = cached_loader(manifest, endpoint, f"{tmp}/cache-{kind}", args, lut)
+            rows.append((kind, rate, throughput(cached, args.epochs)[0], build))
     return rows
 
 
@@ -206,12 +238,18 @@ def main() -> None:
             drop_last=True,
         )
         cores = max(1, args.workers)
-        folder_rate, folder_n, folder_shape = throughput(folder_loader, args.epochs)
-        shard_rate, shard_n, shard_shape = throughput(shard_loader, args.epochs)
-        rows = transport_rows(args, out, root, protocol, lut)
-    assert folder_shape == shard_shape, (folder_shape, shard_shape)
+        folder_rate, _, folder_n, folder_shape = throughput(folder_loader, args.epochs)
+        shard_rate, _, shard_n, shard_shape = throughput(shard_loader, args.epochs)
+        shard_loader.close()
+        cached, build = cached_loader(cfg.manifest, "", f"{tmp}/cache", args, lut)
+        cache_rate, cache_per_cpu, cache_n, cache_shape = throughput(cached, args.epochs)
+        rows = transport_rows(args, out, root, protocol, lut, tmp)
+    assert folder_shape == shard_shape == cache_shape, (folder_shape, shard_shape, cache_shape)
     print(f"frames: {len(folder)} (task 1 cities), source 2048x1024 PNG, shards 1024x512 PNG")
-    print(f"workers: {args.workers}, batch {args.batch_size}, output {shard_shape}")
+    print(
+        f"workers: {args.workers}, batch {args.batch_size}, output {shard_shape}, "
+        f"epochs 2..{args.epochs} timed"
+    )
     print(
         f"folder loader (reference style): {folder_rate / cores:7.2f} samples/s/core "
         f"({folder_n} samples)"
@@ -220,12 +258,22 @@ def main() -> None:
         f"shard pipeline (webdataset):     {shard_rate / cores:7.2f} samples/s/core "
         f"({shard_n} samples)"
     )
-    local = next((rate for kind, rate, _ in rows if kind == "local"), shard_rate)
-    for kind, rate, count in rows:
+    print(
+        f"decoded cache + device augment:  {cache_per_cpu:7.2f} samples/s/core "
+        f"({cache_n} samples, {cache_rate:.2f} samples/s in one process; "
+        f"build {build:.1f} s with {args.workers} processes)"
+    )
+    local = next((row for row in rows if row[0] == "local"), None)
+    for kind, rate, cached_rate, cached_build in rows:
+        shard_ratio = f"{rate / local[1]:.2f}x" if local else "-"
+        cache_ratio = f"{cached_rate / local[2]:.2f}x" if local else "-"
         print(
-            f"transport {kind:<6} {rate / cores:7.2f} samples/s/core "
-            f"({count} samples), {rate / local:.2f}x local"
+            f"transport {kind:<7} shards {rate / cores:7.2f} samples/s/core ({shard_ratio} "
+            f"local), cache {cached_rate:7.2f} samples/s ({cache_ratio} local; build "
+            f"{cached_build:.1f} s)"
         )
+    print(f"cache/folder={cache_per_cpu / (folder_rate / cores):.2f}")
+    print(f"cache/shards={cache_per_cpu / (shard_rate / cores):.2f}")
     print(f"ratio={shard_rate / folder_rate:.2f}")
 
 

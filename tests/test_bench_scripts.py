@@ -12,9 +12,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, script: str = "gpu_check.py") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "bench/gpu_check.py"), *args],
+        [sys.executable, str(ROOT / "bench" / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -36,4 +36,24 @@ def test_gpu_check_measures_every_row_on_the_cpu_when_allowed():
     )
     assert result.returncode == 0, result.stderr
     for row in ("gloo: init", "step:", "h2d:", "data:", "ratio data/step=", "ratio h2d/step="):
+        assert row in result.stdout, result.stdout
+
+
+@pytest.mark.slow
+def test_data_pipeline_benchmark_measures_folder_shards_and_cache_over_transports():
+    args = ["--frames-per-city", "1", "--samples-per-shard", "1", "--epochs", "2"]
+    result = run(
+        *args, "--batch-size", "2", "--transports", "local,http", script="data_pipeline.py"
+    )
+    assert result.returncode == 0, result.stderr
+    for row in (
+        "folder loader (reference style):",
+        "shard pipeline (webdataset):",
+        "decoded cache + device augment:",
+        "transport local ",
+        "transport http ",
+        "cache/folder=",
+        "cache/shards=",
+        "ratio=",
+    ):
         assert row in result.stdout, result.stdout

@@ -437,19 +437,3 @@ def test_two_gloo_ranks_follow_the_one_rank_loss_per_step(manifest_path, tmp_pat
     assert len(one) == len(two) == 4
     assert one[0] != one[-1]  # it trains
     np.testing.assert_allclose(two, one, rtol=1e-9)
-
-
-def test_the_cache_benchmark_runs(tmp_path):
-    """bench/cache.py at a tiny size (its figures are the README's, not asserted here)."""
-    root = Path(__file__).resolve().parents[1]
-    args = ["--frames-per-city", "1", "--epochs", "2", "--frame", "128x64", "--crop", "64x32"]
-    done = subprocess.run(
-        [sys.executable, str(root / "bench/cache.py"), *args, "--batch-size", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
-    for row in ("shards (2 workers):", "cache (1 thread):", "ratio="):
-        assert row in done.stdout, done.stdout
