@@ -14,16 +14,16 @@ Rows, each measured in this run:
    images/s at ``--batch`` and ``--crop``.
 3. ``h2d``: uint8 batches of ``--batch`` frames at ``--frame`` (the decoded cache's frames)
    copied from pinned host memory with ``non_blocking=True``: batches/s and GB/s.
-4. ``data``: the cached path's per-batch work: gather ``--batch`` random frames from a
-   memory-mapped uint8 frame array (the decoded cache's layout) into pinned memory, the copy to
-   the device, then the augmentation on the device (``cil_dist.data.device_augment``: rescale,
-   crop, flip, jitter, normalise) — samples/s.
+4. ``data``: the cached path (``data.cache``) over ``--frames`` synthetic frames at
+   ``--frame``, epochs 2..``--epochs``: uint8 frames gathered from the decoded cache into pinned
+   memory, copied to the device, label look-up table and augmentation there
+   (``cil_dist.data.device_augment``: rescale, crop, flip, jitter, normalise) — samples/s.
 
 The last lines are the ratios ``data / step`` and ``h2d / step`` (in samples per second); above
 1 the data path outruns the step.
 
     python bench/gpu_check.py [--batch 6] [--crop 640x192] [--frame 1024x512] [--steps 20]
-                              [--allow-cpu]
+                              [--frames 24] [--epochs 4] [--allow-cpu]
 """
 
 from __future__ import annotations
@@ -36,11 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cil_dist.config import AugmentConfig
-from cil_dist.data.device_augment import DeviceAugment, draw_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import Row, synthetic_batch, trainer_parts, trainer_step
@@ -130,42 +128,45 @@ def check_h2d(device: torch.device, batch: int, frame, steps: int) -> tuple[floa
     return 1 / seconds, host.numel() / seconds / 1e9
 
 
-def check_data(device: torch.device, batch: int, crop, frame, steps: int, frames: int) -> float:
-    """Samples/s of the cached path's per-batch work (gather, transfer, device augmentation)."""
-    width, height = frame
-    pin = device.type == "cuda"
-    augment = DeviceAugment(AugmentConfig(crop=list(crop)), MEAN, STD)
-    cfg = augment.cfg
-    generator = torch.Generator().manual_seed(0)
-    with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
-        images = np.lib.format.open_memmap(
-            f"{tmp}/images.npy", "w+", np.uint8, (frames, height, width, 3)
-        )
-        images[:] = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
-        labels = np.lib.format.open_memmap(
-            f"{tmp}/labels.npy", "w+", np.uint8, (frames, height, width)
-        )
-        labels[:] = np.random.default_rng(1).integers(0, 19, labels.shape, dtype=np.uint8)
-        images.flush(), labels.flush()
-        images = np.load(f"{tmp}/images.npy", mmap_mode="r")
-        labels = np.load(f"{tmp}/labels.npy", mmap_mode="r")
-        image_buffer, label_buffer = host_batch(batch, frame, pin), host_batch(batch, frame, pin)
-        label_buffer = label_buffer[..., 0].contiguous()
-        if pin:
-            label_buffer = label_buffer.pin_memory()
-        rng = np.random.default_rng(2)
+def check_data(device: torch.device, batch: int, crop, frame, epochs: int, frames: int) -> float:
+    """Samples/s of the cached path (``cil_dist.data.cached_loader``) in epochs 2..N: uint8
+    frames gathered from the decoded cache (pinned on CUDA), copied to ``device``, label
+    look-up table and augmentation there."""
+    from cil_dist.config import DataConfig
+    from cil_dist.data.cached_loader import build_cached_loader
+    from cil_dist.data.pipeline import ShardSource
+    from cil_dist.distributed import DistEnv
+    from cil_dist.protocol import TaskProtocol
+    from shards.pack import pack
+    from shards.synth import generate
 
-        def step() -> None:
-            index = np.sort(rng.choice(frames, batch, replace=False))
-            image_buffer.numpy()[:] = images[index]
-            label_buffer.numpy()[:] = labels[index]
-            gpu_images = image_buffer.to(device, non_blocking=True)
-            gpu_labels = label_buffer.to(device, non_blocking=True)
-            params = draw_params(batch, frame, cfg, generator)
-            augment(gpu_images, gpu_labels, params, torch.channels_last)
-
-        seconds = timed(step, steps, warmup=2, device=device)
-    return batch / seconds
+    protocol = TaskProtocol.load("cityscapes_cil")
+    per_city = max(1, frames // len(protocol.task(1).cities))
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(f"{tmp}/cityscapes", protocol, images_per_city=per_city, size=frame, seed=0)
+        pack(f"{tmp}/cityscapes", f"{tmp}/shards", protocol, size=frame, samples_per_shard=4)
+        cfg = DataConfig(
+            manifest=f"{tmp}/shards/manifest.json",
+            resize=list(frame),
+            augment=AugmentConfig(crop=list(crop)),
+            batch_size=batch,
+            cache="disk",
+            cache_dir=f"{tmp}/cache",
+        )
+        env = DistEnv(device=str(device))
+        source = ShardSource.from_manifest(cfg.manifest, "task1")
+        loader = build_cached_loader(cfg, source, protocol.stage_lut(1), env, seed=0)
+        count, seconds = 0, 0.0
+        for epoch in range(epochs):
+            synchronize(device)
+            start = time.perf_counter()
+            loader.set_epoch(epoch)
+            for item in loader:
+                images, _ = loader.to_device(item, device, torch.channels_last)
+                count += images.shape[0] if epoch else 0
+            synchronize(device)
+            seconds += time.perf_counter() - start if epoch else 0.0
+    return count / seconds
 
 
 def main() -> int:
@@ -174,7 +175,8 @@ def main() -> int:
     parser.add_argument("--crop", type=size, default=(640, 192), help="WIDTHxHEIGHT")
     parser.add_argument("--frame", type=size, default=(1024, 512), help="WIDTHxHEIGHT")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--frames", type=int, default=64, help="frames in the mapped array")
+    parser.add_argument("--frames", type=int, default=24, help="frames in the decoded cache")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of the cached path")
     parser.add_argument("--allow-cpu", action="store_true", help="measure on the CPU instead")
     args = parser.parse_args()
 
@@ -201,8 +203,8 @@ def main() -> int:
     print(f" step: {step:.1f} img/s (default step: bf16 where native, channels_last)")
     batches, gbps = check_h2d(device, args.batch, args.frame, args.steps)
     print(f"  h2d: {batches:.1f} batches/s = {batches * args.batch:.1f} frames/s, {gbps:.2f} GB/s")
-    data = check_data(device, args.batch, args.crop, args.frame, args.steps, args.frames)
-    print(f" data: {data:.1f} samples/s (gather from mapped frames, transfer, device augmentation)")
+    data = check_data(device, args.batch, args.crop, args.frame, args.epochs, args.frames)
+    print(f" data: {data:.1f} samples/s (the decoded cache's loader, augmentation on the device)")
     print(f"ratio data/step={data / step:.2f}")
     print(f"ratio h2d/step={batches * args.batch / step:.2f}")
     return 0

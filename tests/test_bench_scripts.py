@@ -32,7 +32,17 @@ def test_gpu_check_skips_with_one_line_without_a_gpu():
 
 def test_gpu_check_measures_every_row_on_the_cpu_when_allowed():
     result = run(
-        "--allow-cpu", "--crop", "64x32", "--frame", "128x64", "--steps", "1", "--frames", "8"
+        "--allow-cpu",
+        "--crop",
+        "64x32",
+        "--frame",
+        "128x64",
+        "--steps",
+        "1",
+        "--frames",
+        "8",
+        "--epochs",
+        "2",
     )
     assert result.returncode == 0, result.stderr
     for row in ("gloo: init", "step:", "h2d:", "data:", "ratio data/step=", "ratio h2d/step="):
