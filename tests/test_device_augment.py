@@ -224,3 +224,19 @@ def test_a_rank_slice_of_the_parameters_is_the_global_batchs_part():
     assert len(part) == 2
     torch.testing.assert_close(part.factor, whole.factor[2:4])
     torch.testing.assert_close(part.hue, whole.hue[2:4])
+
+
+def test_the_look_up_table_maps_the_crops_raw_labels_and_leaves_padding_255():
+    cfg = AugmentConfig(crop=[250, 120], scale_min=1.3, scale_max=1.5, **NO_JITTER)
+    params = da.draw_params(4, FRAME, cfg, torch.Generator().manual_seed(1))
+    raw = np.random.default_rng(3).integers(0, 34, (4, FRAME[1], FRAME[0]), dtype=np.uint8)
+    lut = torch.full((256,), 255, dtype=torch.uint8)
+    lut[7], lut[8], lut[0] = 0, 1, 2  # road, sidewalk, and the unlabelled id 0 mapped to 2
+    images = torch.zeros(4, FRAME[1], FRAME[0], 3, dtype=torch.uint8)
+    augment = da.DeviceAugment(cfg, MEAN, STD)
+    _, mapped = augment(images, torch.from_numpy(raw), params, lut=lut)
+    _, plain = augment(images, torch.from_numpy(raw), params)
+    padding = plain == 255  # raw ids stop at 33: 255 only where padded
+    assert padding.any()
+    assert (mapped[padding] == 255).all()
+    torch.testing.assert_close(mapped[~padding], lut[plain[~padding]].long())

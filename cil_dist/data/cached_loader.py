@@ -143,8 +143,8 @@ class CachedLoader:
         """The model's input (normalised float crops) and int64 labels, on ``device``."""
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        labels = self._lut_on(images.device)[labels.long()]
-        return self.augment(images, labels, batch["augment"], memory_format)
+        lut = self._lut_on(images.device)  # applied to the crops' labels only
+        return self.augment(images, labels, batch["augment"], memory_format, lut)
 
 
 @contextmanager

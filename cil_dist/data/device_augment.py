@@ -191,7 +191,7 @@ def bilinear_taps(source: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
 
 
 class DeviceAugment:
-    """uint8 frames (B, H, W, 3) and LUT-mapped uint8 labels (B, H, W), on the device →
+    """uint8 frames (B, H, W, 3) and uint8 labels (B, H, W), on the device →
     ``(normalised float crops (B, 3, ch, cw), int64 labels (B, ch, cw))``."""
 
     def __init__(
@@ -205,28 +205,45 @@ class DeviceAugment:
         self.mean, self.std = tuple(mean), tuple(std)
 
     def geometry(
-        self, images: torch.Tensor, labels: torch.Tensor, params: AugmentParams
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        params: AugmentParams,
+        lut: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rescale, crop (pad) and flip: float images (B, 3, ch, cw) in [0, 255], int64
-        labels. Bilinear sampling is separable here (rows, then columns), so only the source
-        rows a crop needs are read, straight from the uint8 frames."""
+        """Rescale, crop (pad) and flip: float images (B, 3, ch, cw) in [0, 255] and int64
+        labels (``lut`` applied to the crop's raw labels, padding 255). Bilinear sampling is
+        separable here (rows, then columns): only the window a crop needs is read, straight
+        from the uint8 frames."""
         batch, h, w, _ = images.shape
-        src_x, src_y, near_x, near_y, inside = source_indices(params, (w, h), self.crop)
+        device = images.device
+        src_x, src_y, near_x, near_y, inside = source_indices(params.to("cpu"), (w, h), self.crop)
         top, bottom, wy = bilinear_taps(src_y, h)
         left, right, wx = bilinear_taps(src_x, w)
-        wy, wx = wy.float()[:, :, None, None], wx.float()[:, None, :, None]
+        # the source columns of each crop's window (indices computed on the host: no syncs)
+        low = torch.minimum(left.min(1).values, near_x.min(1).values)
+        high = torch.maximum(right.max(1).values, near_x.max(1).values) + 1
+        left, right, near_x = left - low[:, None], right - low[:, None], near_x - low[:, None]
+        top, bottom, left, right, near_y, near_x = (
+            t.to(device, non_blocking=True) for t in (top, bottom, left, right, near_y, near_x)
+        )
+        wy = wy.float().to(device)[:, :, None, None]
+        wx = wx.float().to(device)[:, None, :, None]
         crops = images.new_empty((batch, *self.crop[::-1], 3), dtype=torch.float32)
-        crop_labels = labels.new_empty((batch, *self.crop[::-1]), dtype=torch.int64)
+        crop_labels = labels.new_empty((batch, *self.crop[::-1]))
         for i in range(batch):  # index_select per sample: the fastest gather on CPU and GPU
-            frame = images[i]
-            upper = frame.index_select(0, top[i]).float()  # (ch, W, 3)
-            rows = upper.lerp_(frame.index_select(0, bottom[i]).float(), wy[i])
+            window = images[i, :, int(low[i]) : int(high[i])]
+            upper = window.index_select(0, top[i]).float()  # (ch, window width, 3)
+            rows = upper.lerp_(window.index_select(0, bottom[i]).float(), wy[i])
             torch.lerp(
                 rows.index_select(1, left[i]), rows.index_select(1, right[i]), wx[i], out=crops[i]
             )
-            crop_labels[i] = labels[i].index_select(0, near_y[i]).index_select(1, near_x[i])
+            label_window = labels[i, :, int(low[i]) : int(high[i])]
+            crop_labels[i] = label_window.index_select(0, near_y[i]).index_select(1, near_x[i])
+        crop_labels = crop_labels.long() if lut is None else lut[crop_labels.long()].long()
+        inside = inside.to(device)
         crops = crops.mul_(inside[..., None])  # padding is black, as the CPU path's
-        crop_labels = torch.where(inside, crop_labels, torch.full_like(crop_labels, IGNORE))
+        crop_labels = crop_labels.masked_fill_(~inside, IGNORE)
         return crops.permute(0, 3, 1, 2).contiguous(), crop_labels
 
     def jitter(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
@@ -252,8 +269,10 @@ class DeviceAugment:
         labels: torch.Tensor,
         params: AugmentParams,
         memory_format: torch.memory_format = torch.contiguous_format,
+        lut: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        params = params.to(images.device)
-        crops, crop_labels = self.geometry(images, labels, params)
-        crops = self.normalise(self.jitter(crops, params))
+        """``lut``: the stage's label look-up table (on the device), applied to the crops'
+        raw label ids; None: ``labels`` are used as they are."""
+        crops, crop_labels = self.geometry(images, labels, params, lut)
+        crops = self.normalise(self.jitter(crops, params.to(images.device)))
         return crops.contiguous(memory_format=memory_format), crop_labels
