@@ -370,12 +370,7 @@ def build_train_loader(
             "data.samples_per_epoch: required when training from shard URLs without a manifest"
         )
     batch_size = cfg.rank_batch_size(env.world_size)
-    batches = total // (env.world_size * batch_size)
-    if batches < 1:
-        raise ConfigError(
-            f"data.batch_size: {source.description} holds {total} samples, fewer than "
-            f"world_size × batch_size = {env.world_size} × {batch_size}"
-        )
+    batches = cfg.batches_per_epoch(total, env.world_size)  # the chain validation's rule too
     transform = SegmentationTransform(
         tuple(cfg.resize),
         tuple(cfg.mean),
