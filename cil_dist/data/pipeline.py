@@ -62,7 +62,16 @@ from cil_dist.storage import StorageOptions
 log = logging.getLogger(__name__)
 
 MAX_EMPTY_CYCLES = 64
-DATA_ERRORS = (ShardReadError, SampleError)  # one line naming the shard (redacted) and key
+
+
+class EmptySlotError(RuntimeError):
+    """A training slot (a DataLoader worker's share) finds no readable sample at all, e.g.
+    every shard it reads skipped under ``data.on_shard_error: skip``; names the (redacted)
+    source and the slot."""
+
+
+# data errors: one line naming the shard (redacted) and key, or the source and slot
+DATA_ERRORS = (ShardReadError, SampleError, EmptySlotError)
 
 
 @dataclass(frozen=True)
@@ -227,7 +236,11 @@ class ShardStream(IterableDataset):
             # a tiny shard shared by many slots can leave one slot empty in some cycles
             empty_cycles = 0 if produced else empty_cycles + 1
             if empty_cycles > MAX_EMPTY_CYCLES:
-                raise RuntimeError(f"{self.source.description}: slot {slot} finds no samples")
+                raise EmptySlotError(
+                    f"{self.source.description}: slot {slot} of {slots} finds no samples in "
+                    f"{MAX_EMPTY_CYCLES} passes over its shards (every shard it reads is "
+                    f"unreadable; data.on_shard_error={self.policy.on_error})"
+                )
 
     def _eval_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         for piece in assign(list(self.source.refs), slots, slot):
