@@ -4,6 +4,9 @@ cil train --config NAME_OR_YAML [--set key=value ...]
 cil eval  --checkpoint CKPT [--task-sets 1 2 12 3 123] [--split val] [--manifest URL]
           [--out DIR] [--export-predictions DIR] [--set key=value ...]
 cil infer --checkpoint CKPT --image x.png [--ground-truth y_labelIds.png] --output-path DIR
+
+Exit codes: 0 done; 2 a user or data error (one line naming the file, key, option or shard);
+3 a collective timed out (``dist.timeout_s``: a hung or dead peer rank; one line).
 """
 
 from __future__ import annotations

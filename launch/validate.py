@@ -91,11 +91,13 @@ def plans_of(chain: ChainConfig, run_dir: Path, problems: list[str]) -> dict[str
     for name, spec in chain.stages.items():
         teacher = spec.teacher
         if name in plans and teacher in plans and plans[name].uses_previous:
-            have, need, used = plans[teacher], plans[name].num_old_classes, plans[name].stage
-            problem = teacher_classes_problem(have.num_classes, need, used, have.method)
+            prior, plan = plans[teacher], plans[name]
+            problem = teacher_classes_problem(
+                prior.num_classes, plan.num_old_classes, plan.stage, prior.method
+            )
             if problem:
                 problems.append(
-                    f"stages.{name}.teacher: {teacher!r} ({have.method}, stage {have.stage}) "
+                    f"stages.{name}.teacher: {teacher!r} ({prior.method}, stage {prior.stage}) "
                     + problem
                 )
     return plans

@@ -21,7 +21,9 @@ The recipe (it avoids webdataset's known multi-rank traps by construction):
    samples lost (:attr:`EpochLoader.skipped`, over workers; :meth:`SkipCounter.totals` over
    ranks), training still cycling to its quota so every rank keeps the same number of batches.
    Otherwise the shard's error (URL redacted, last key read) reaches the training process as
-   raised, also from a worker process.
+   raised, also from a worker process. A training slot that finds no readable sample in
+   ``MAX_EMPTY_CYCLES`` passes over its shards (every one skipped) ends the run with
+   :class:`EmptySlotError`, a data error like the others (:data:`DATA_ERRORS`).
 """
 
 from __future__ import annotations
