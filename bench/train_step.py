@@ -174,13 +174,13 @@ def reference_step(student, teacher, optimizer, images, labels) -> None:
     optimizer.step()
 
 
-def trainer_parts(row: Row):
+def trainer_parts(row: Row, device: torch.device | str = "cpu"):
     """Student, frozen teacher, optimiser and precision from this trainer's own pieces."""
     memory = torch.channels_last if row.channels_last else torch.preserve_format
-    student = build_model(NUM_CLASSES, channels_last=row.channels_last)
-    teacher = ERFNet(NUM_OLD).requires_grad_(False).eval().to(memory_format=memory)
+    student = build_model(NUM_CLASSES, channels_last=row.channels_last).to(device)
+    teacher = ERFNet(NUM_OLD).requires_grad_(False).eval().to(device, memory_format=memory)
     optimizer = build_optimizer(student.parameters(), OptimConfig(implementation=row.adam))
-    precision = build_precision(PrecisionConfig(dtype=row.precision), DistEnv())
+    precision = build_precision(PrecisionConfig(dtype=row.precision), DistEnv(device=str(device)))
     return student, teacher, optimizer, precision
 
 

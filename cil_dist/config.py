@@ -19,6 +19,9 @@ class ConfigError(ValueError):
     """A config is invalid; the message names the file and the key at fault."""
 
 
+CACHE_MODES = ("none", "memory", "disk")
+
+
 @dataclass
 class AugmentConfig:
     """Training augmentation of the paper (flip, down-rescale, crop, colour jitter)."""
@@ -56,6 +59,12 @@ class DataConfig:
     read_retries: int = 5  # re-opens of a shard at its byte offset after a transfer failure
     retry_backoff: float = 1.0  # seconds before the first re-open, doubling each time
     on_shard_error: str = "fail"  # fail | skip (skip counts and logs the samples lost)
+    # decoded cache of the training frames (README "Decoded cache"): none (stream every epoch)
+    # | memory (a tmpfs, cache_dir or /dev/shm) | disk (cache_dir, a node-local folder);
+    # with a cache, each epoch draws one global permutation: the world size does not matter
+    cache: str = "none"
+    cache_dir: str = ""  # node-local folder of the cache; "" = /dev/shm/cil-dist for memory
+    cache_build_workers: int = 2  # processes decoding shards into the cache (first epoch)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -89,6 +98,28 @@ class DataConfig:
             raise ConfigError("data.batch_size/eval_batch_size must be >= 1, num_workers >= 0")
         if self.global_batch_size < 0:
             raise ConfigError(f"data.global_batch_size: must be >= 0, got {self.global_batch_size}")
+        self._validate_cache()
+
+    def _validate_cache(self) -> None:
+        if self.cache not in CACHE_MODES:
+            raise ConfigError(
+                f"data.cache: expected one of {', '.join(CACHE_MODES)}, got {self.cache!r}"
+            )
+        if self.cache == "none":
+            return
+        if self.cache == "disk" and not self.cache_dir:
+            raise ConfigError(
+                "data.cache_dir: data.cache=disk needs a node-local folder (a local SSD)"
+            )
+        if not self.manifest:
+            raise ConfigError(
+                f"data.cache: {self.cache} needs data.manifest (the cache is keyed by the "
+                "shards' sample counts and checksums); use data.cache=none with data.shards"
+            )
+        if self.cache_build_workers < 1:
+            raise ConfigError(
+                f"data.cache_build_workers: must be >= 1, got {self.cache_build_workers}"
+            )
 
     def rank_batch_size(self, world_size: int) -> int:
         """Samples per rank and step: ``global_batch_size / world_size``, else ``batch_size``."""

@@ -342,6 +342,16 @@ class EpochLoader:
         if iterator is not None:
             iterator._shutdown_workers()
 
+    def sampler_state(self) -> dict[str, Any]:
+        """What, besides (seed, epoch, step), fixes the streaming order (checkpointed)."""
+        stream = self.stream
+        return {
+            "order": "shards",
+            "shards": len(stream.source.refs),
+            "batches": stream.batches_per_epoch,
+            "batch_size": stream.batch_size,
+        }
+
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch's shard permutation and augmentation seeds (call before iterating);
         ``start_step``: resume inside the epoch (the batches before it are read and dropped:

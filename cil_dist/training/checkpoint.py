@@ -286,6 +286,8 @@ FREE_KEYS = (
     "data.retry_backoff",
     "data.verify_checksums",
     "data.on_shard_error",
+    "data.cache_dir",  # where the decoded cache lives, not what it holds
+    "data.cache_build_workers",
 )
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from cil_dist.accel import require_apex
 from cil_dist.config import ConfigError, TrainConfig
+from cil_dist.data.cached_loader import CachedLoader, build_cached_loader
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_train_loader
 from cil_dist.data.shardlist import derive_seed
 from cil_dist.distributed import DistEnv, all_reduce_sum, barrier, process_group
@@ -62,7 +63,7 @@ class Components:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     precision: Precision
-    loader: EpochLoader
+    loader: EpochLoader | CachedLoader
     state: ckpt.TrainState
 
 
@@ -244,7 +245,10 @@ def build(cfg: TrainConfig, env: DistEnv) -> Components:
             bare, device_ids=[env.local_rank] if env.device.startswith("cuda") else None
         )
     optimizer = build_optimizer(bare.parameters(), cfg.optim)
-    loader = build_train_loader(cfg.data, source, plan.lut, env, seed=cfg.seed)
+    if cfg.data.cache == "none":
+        loader = build_train_loader(cfg.data, source, plan.lut, env, seed=cfg.seed)
+    else:  # decoded once per node; world-size-independent global batches
+        loader = build_cached_loader(cfg.data, source, plan.lut, env, seed=cfg.seed)
     return Components(
         plan,
         student,
@@ -276,6 +280,7 @@ def checkpoint_payload(parts: Components, cfg: TrainConfig) -> dict:
         "scheduler": parts.scheduler.state_dict(),
         "scaler": parts.precision.scaler.state_dict() if parts.precision.scaler else {},
         "state": ckpt.state_to_dict(parts.state),
+        "sampler": parts.loader.sampler_state(),
         "rng": ckpt.rng_state(),
         "config": public_config(cfg),
         "protocol": parts.plan.protocol.to_dict(),
@@ -332,6 +337,7 @@ def resume(parts: Components, cfg: TrainConfig, run_dir: Path) -> None:
     )
     if changes:
         apply_optim_config(parts, cfg)
+    check_sampler(parts, cfg, payload, path)
     log.info("resumed from %s at epoch %d, step %d", path, parts.state.epoch, parts.state.step)
 
 
@@ -358,6 +364,25 @@ def check_config_change(cfg: TrainConfig, payload: dict, path: Path) -> dict:
         ignored if "model.encoder_init" in changes else "",
     )
     return changes
+
+
+def check_sampler(parts: Components, cfg: TrainConfig, payload: dict, path: Path) -> None:
+    """A mid-epoch resume continues the checkpoint's sample order only if that order is this
+    run's: the same shards (or cache) and batches; else an error, or with
+    ``checkpoint.allow_config_change`` a warning (the epoch's order is then this run's)."""
+    saved, current = payload.get("sampler"), parts.loader.sampler_state()
+    if not parts.state.epoch_step or saved is None or saved == current:
+        return
+    message = (
+        f"{path}: a mid-epoch checkpoint (epoch {parts.state.epoch + 1}, step "
+        f"{parts.state.epoch_step}) of another sample order: {saved} -> {current} (the shards "
+        "or the batch changed)"
+    )
+    if not cfg.checkpoint.allow_config_change:
+        raise ConfigError(
+            f"{message}; set checkpoint.allow_config_change=true to resume at that step anyway"
+        )
+    log.warning("%s; resuming at that step in this run's order", message)
 
 
 def apply_optim_config(parts: Components, cfg: TrainConfig) -> None:
