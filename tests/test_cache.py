@@ -453,3 +453,16 @@ def test_the_cache_benchmark_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     for row in ("shards (2 workers):", "cache (1 thread):", "ratio="):
         assert row in done.stdout, done.stdout
+
+
+def test_fewer_cached_samples_than_one_global_batch_is_the_trainers_one_rule(
+    manifest_path, tmp_path
+):
+    """The cached loader refuses a batch its samples cannot fill with the words of the shard
+    stream and the chain validation (``DataConfig.batches_per_epoch``)."""
+    cfg = cache_config(manifest_path, tmp_path, global_batch_size=10)
+    source = ShardSource.from_manifest(manifest_path, "task1")  # 8 samples
+    expected = "data.global_batch_size: 8 training samples, fewer than 2 ranks × batch 5"
+    with pytest.raises(ConfigError) as caught:
+        build_cached_loader(cfg, source, joint_lut(), DistEnv(0, 2), seed=5)
+    assert str(caught.value) == expected
