@@ -197,9 +197,12 @@ def test_status_names_a_hung_rank_by_the_collective_timeout_line(tmp_path, manif
     driver = start_driver(path, run)
     reaper[driver.pid] = procs.snapshot()[driver.pid].started
     wait_for_ranks(run, "s1", driver)
-    ranks = {r["rank"]: r for r in st.rank_records(run, "s1")}
     deadline = time.monotonic() + 120
-    while "epoch 2/100" not in Path(ranks[0]["log"]).read_text():
+    while True:  # both ranks recorded, rank 0 through its second epoch
+        ranks = {r["rank"]: r for r in st.rank_records(run, "s1")}
+        log = Path(ranks.get(0, {}).get("log") or run / "none")
+        if len(ranks) == 2 and log.is_file() and "epoch 2/100" in log.read_text():
+            break
         assert time.monotonic() < deadline and driver.poll() is None, "no second epoch"
         time.sleep(0.2)
     reaper.update(chain_processes(driver))
