@@ -4,6 +4,9 @@ cil train --config NAME_OR_YAML [--set key=value ...]
 cil eval  --checkpoint CKPT [--task-sets 1 2 12 3 123] [--split val] [--manifest URL]
           [--out DIR] [--export-predictions DIR] [--set key=value ...]
 cil infer --checkpoint CKPT --image x.png [--ground-truth y_labelIds.png] --output-path DIR
+
+Exit codes: 0 done; 2 a user or data error (one line naming the file, key, option or shard);
+3 a collective timed out (``dist.timeout_s``: a hung or dead peer rank; one line).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from cil_dist.config import ConfigError, load_train_config
 from cil_dist.urls import redact_url
 
 log = logging.getLogger("cil")
+
+EXIT_USER = 2  # a user or data error: the config, an option, a file or a shard at fault
+EXIT_TIMEOUT = 3  # a collective timed out (dist.timeout_s): a hung or dead peer rank
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cil_dist.data.reading import ShardReadError
+    from cil_dist.data.pipeline import DATA_ERRORS
+    from cil_dist.distributed import CollectiveTimeout
     from cil_dist.logs import setup_logging
     from cil_dist.training.checkpoint import CheckpointError
 
@@ -66,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             if "metrics" in result:
                 print(metrics_tables(result["metrics"], Path(args.image).stem))
-    except (ConfigError, CheckpointError, ShardReadError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CheckpointError, *DATA_ERRORS, FileNotFoundError, ValueError) as exc:
         log.error("%s", redact_url(str(exc)))  # a data error names a shard URL
-        return 2
+        return EXIT_USER
+    except CollectiveTimeout as exc:  # operational, not the user's: another exit code
+        log.error("%s", redact_url(str(exc)))
+        return EXIT_TIMEOUT
     return 0
 
 

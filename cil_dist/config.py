@@ -132,6 +132,18 @@ class DataConfig:
             )
         return self.global_batch_size // world_size
 
+    def batches_per_epoch(self, samples: int, world_size: int) -> int:
+        """Optimiser steps per epoch: ``samples // (world_size × per-rank batch)``; fewer
+        samples than one step is a :class:`ConfigError` naming the batch key in use."""
+        batch = self.rank_batch_size(world_size)
+        batches = samples // (world_size * batch)
+        if batches < 1:
+            key = "data.global_batch_size" if self.global_batch_size else "data.batch_size"
+            raise ConfigError(
+                f"{key}: {samples} training samples, fewer than {world_size} ranks × batch {batch}"
+            )
+        return batches
+
 
 def load_train_config(
     config: str | None,
@@ -202,6 +214,50 @@ def _guarded(where: str, action: Callable[[], Any], in_file: bool = True) -> Any
         at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark and in_file else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
+
+
+# ---- rules of the stage wiring, shared by the trainer and the chain validation ------------
+# Each returns the problem (the text after the key, which the caller names) or None, so that
+# ``cil train`` and ``cil-launch`` word a mistake alike.
+
+METHODS = ("cil", "finetune", "joint")  # the paper's method, its lower and its upper bound
+
+
+def method_problem(method: str) -> str | None:
+    """``stage.method`` must be one of :data:`METHODS`."""
+    return None if method in METHODS else f"{method!r} is not one of {', '.join(METHODS)}"
+
+
+def needs_previous(method: str, stage: int) -> bool:
+    """Whether the run starts from the previous stage's model: cil (its teacher) and finetune
+    (its initialisation) from stage 2 on; ``joint`` never."""
+    return method != "joint" and stage > 1
+
+
+def teacher_problem(method: str, stage: int, has_teacher: bool) -> str | None:
+    """A teacher is required exactly where :func:`needs_previous` says so."""
+    if method == "joint":
+        return "the joint baseline trains without a teacher" if has_teacher else None
+    if needs_previous(method, stage) and not has_teacher:
+        return f"stage {stage} needs the final checkpoint of stage {stage - 1}"
+    if stage == 1 and has_teacher:
+        return "stage 1 has no previous stage; leave it empty"
+    return None
+
+
+def teacher_classes_problem(
+    have: int, need: int, stage: int, teacher_method: str | None = None
+) -> str | None:
+    """The teacher of ``stage`` must be a stage model with the ``need`` classes of the earlier
+    tasks; ``teacher_method``: the teacher's own method where known (a joint model is none)."""
+    if teacher_method == "joint":
+        return f"is a joint model; stage {stage} needs the model of stage {stage - 1}"
+    if have != need:
+        return (
+            f"has {have} classes; stage {stage} needs a teacher with the {need} classes of "
+            f"tasks < {stage}"
+        )
+    return None
 
 
 @dataclass

@@ -17,10 +17,15 @@ import tempfile
 from pathlib import Path
 
 from cil_dist import storage, urls
-from cil_dist.config import ConfigError
+from cil_dist.config import (
+    ConfigError,
+    method_problem,
+    teacher_classes_problem,
+    teacher_problem,
+)
 from cil_dist.data.manifest import Manifest, ManifestError
 from cil_dist.protocol import ProtocolError, TaskProtocol
-from cil_dist.training.stage import METHODS, StagePlan, plan_stage
+from cil_dist.training.stage import StagePlan, plan_stage
 from launch.chain import (
     ChainConfig,
     JobSpec,
@@ -43,19 +48,17 @@ class ChainError(ValueError):
 
 
 def teacher_problems(chain: ChainConfig) -> list[str]:
+    """Methods and teacher wiring, by the trainer's own rules (:mod:`cil_dist.config`), and no
+    teacher loops."""
     problems = []
     for name, spec in chain.stages.items():
         where = f"stages.{name}"
-        if spec.method not in METHODS:
-            problems.append(f"{where}.method: {spec.method!r} is not one of {METHODS}")
+        if problem := method_problem(spec.method):
+            problems.append(f"{where}.method: {problem}")
         if spec.teacher and spec.teacher not in chain.stages:
             problems.append(f"{where}.teacher: {spec.teacher!r} is not a stage of the chain")
-        elif spec.method == "joint" and spec.teacher:
-            problems.append(f"{where}.teacher: the joint baseline trains without a teacher")
-        elif spec.method != "joint" and spec.stage > 1 and not spec.teacher:
-            problems.append(f"{where}.teacher: stage {spec.stage} needs the stage it continues")
-        elif spec.method != "joint" and spec.stage == 1 and spec.teacher:
-            problems.append(f"{where}.teacher: stage 1 has no previous stage")
+        elif problem := teacher_problem(spec.method, spec.stage, bool(spec.teacher)):
+            problems.append(f"{where}.teacher: {problem}")
         seen, current = {name}, spec.teacher
         while current in chain.stages:
             if current in seen:
@@ -88,12 +91,14 @@ def plans_of(chain: ChainConfig, run_dir: Path, problems: list[str]) -> dict[str
     for name, spec in chain.stages.items():
         teacher = spec.teacher
         if name in plans and teacher in plans and plans[name].uses_previous:
-            have, need = plans[teacher].num_classes, plans[name].num_old_classes
-            if have != need or plans[teacher].method == "joint":
+            prior, plan = plans[teacher], plans[name]
+            problem = teacher_classes_problem(
+                prior.num_classes, plan.num_old_classes, plan.stage, prior.method
+            )
+            if problem:
                 problems.append(
-                    f"stages.{name}.teacher: {teacher!r} ({plans[teacher].method}, stage "
-                    f"{plans[teacher].stage}) has {have} classes; stage {spec.stage} needs a "
-                    f"teacher with the {need} classes of tasks < {spec.stage}"
+                    f"stages.{name}.teacher: {teacher!r} ({prior.method}, stage {prior.stage}) "
+                    + problem
                 )
     return plans
 
@@ -139,17 +144,12 @@ def data_problems(jobs: dict[str, JobSpec], plans: dict[str, StagePlan]) -> list
 
 
 def batch_problems(name: str, job: JobSpec, samples: int) -> list[str]:
-    """The job's ranks must split the global batch and find a full step in its samples."""
-    world = job.resources.world_size
+    """The job's ranks must split the global batch and find a full step in its samples (the
+    trainer's rule, :meth:`~cil_dist.config.DataConfig.batches_per_epoch`)."""
     try:
-        batch = job.train.data.rank_batch_size(world)
+        job.train.data.batches_per_epoch(samples, job.resources.world_size)
     except ConfigError as exc:
         return [f"{name}: {exc}"]
-    if samples < world * batch:
-        return [
-            f"{name}: data.batch_size: {samples} training samples, fewer than "
-            f"{world} ranks × batch {batch}"
-        ]
     return []
 
 

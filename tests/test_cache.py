@@ -437,3 +437,16 @@ def test_two_gloo_ranks_follow_the_one_rank_loss_per_step(manifest_path, tmp_pat
     assert len(one) == len(two) == 4
     assert one[0] != one[-1]  # it trains
     np.testing.assert_allclose(two, one, rtol=1e-9)
+
+
+def test_fewer_cached_samples_than_one_global_batch_is_the_trainers_one_rule(
+    manifest_path, tmp_path
+):
+    """The cached loader refuses a batch its samples cannot fill with the words of the shard
+    stream and the chain validation (``DataConfig.batches_per_epoch``)."""
+    cfg = cache_config(manifest_path, tmp_path, global_batch_size=10)
+    source = ShardSource.from_manifest(manifest_path, "task1")  # 8 samples
+    expected = "data.global_batch_size: 8 training samples, fewer than 2 ranks × batch 5"
+    with pytest.raises(ConfigError) as caught:
+        build_cached_loader(cfg, source, joint_lut(), DistEnv(0, 2), seed=5)
+    assert str(caught.value) == expected

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from launch import state as st
 from launch.chain import expand, load_chain
@@ -317,3 +318,52 @@ def test_lineages_follow_the_teachers_from_stage_1_and_leave_out_joint():
         "cil_stage3": ["stage1", "cil_stage2", "cil_stage3"],
         "finetune_stage3": ["stage1", "finetune_stage2", "finetune_stage3"],
     }
+
+
+def test_a_chain_and_cil_train_word_the_same_mistake_alike(tmp_path, manifest_path):
+    """One rule per mistake (cil_dist.config): the chain validation lists, under its stage's
+    key, the very words ``cil train`` ends with (one line, exit code 2)."""
+    from cil_dist.training.train import run_training
+    from tests.helpers import tiny_train_config
+
+    first = run_training(tiny_train_config(manifest_path, tmp_path / "s1", name="s1", stage=1))
+    base = tmp_path / "train.yaml"
+    base.write_text(OmegaConf.to_yaml(OmegaConf.structured(
+        tiny_train_config(manifest_path, tmp_path / "runs"))))  # fmt: skip
+    s1 = {"method": "cil", "stage": 1}
+    cases = [  # (cil train --set, its key), (the chain's stages and overrides, its key), words
+        ((["stage.method=distill"], "stage.method: "),
+         ({"x": {"method": "distill", "stage": 1}}, [], "stages.x.method: "),
+         "'distill' is not one of cil, finetune, joint"),
+        ((["stage.stage=2"], "teacher.checkpoint: "),
+         ({"s1": s1, "s2": {"method": "cil", "stage": 2}}, [], "stages.s2.teacher: "),
+         "stage 2 needs the final checkpoint of stage 1"),
+        ((["stage.method=joint", f"teacher.checkpoint={first}"], "teacher.checkpoint: "),
+         ({"s1": s1, "j": {"method": "joint", "teacher": "s1"}}, [], "stages.j.teacher: "),
+         "the joint baseline trains without a teacher"),
+        ((["stage.stage=3", f"teacher.checkpoint={first}"],
+          f"{first}: the previous stage's model "),
+         ({"s1": s1, "s3": {"method": "cil", "stage": 3, "teacher": "s1"}}, [],
+          "stages.s3.teacher: 's1' (cil, stage 1) "),
+         "has 5 classes; stage 3 needs a teacher with the 11 classes of tasks < 3"),
+        ((["data.batch_size=9"], ""),
+         ({"s1": s1}, ["overrides=[data.batch_size=9]"], "s1: "),
+         "data.batch_size: 8 training samples, fewer than 1 ranks × batch 9"),
+    ]  # fmt: skip
+    for index, ((sets, train_key), (stages, chain_sets, chain_key), words) in enumerate(cases):
+        done = subprocess.run(
+            [Path(sys.executable).parent / "cil", "train", "--config", base, "--set", *sets],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 2, done.stderr
+        errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert errors[0].split(" ERROR cil: ", 1)[1] == train_key + words, errors
+        path = write_chain(tmp_path / f"chain{index}", manifest_path, stages)
+        chain = load_chain(str(path), ["resources.tasks_per_node=1", *chain_sets])
+        with pytest.raises(ChainError) as caught:
+            validate_chain(chain, tmp_path / f"run{index}", "local", str(path))
+        assert chain_key + words in caught.value.problems, caught.value.problems

@@ -185,3 +185,39 @@ def test_status_names_the_rank_that_failed_first_and_its_log(
     out = capsys.readouterr().out
     assert "error: rank 1: ShardChecksumError" in out
     assert f"log: {record.log}" in out
+
+
+def test_status_names_a_hung_rank_by_the_collective_timeout_line(tmp_path, manifest_path, reaper):
+    """Rank 1 stopped mid-run (SIGSTOP): rank 0 gives up after ``dist.timeout_s`` and the
+    job's status shows that one line as the cause, not rank 1's lost peer once it resumes."""
+    overrides = ["dist.timeout_s=5", "checkpoint.every_epochs=50"]
+    path = write_chain(tmp_path, manifest_path, {"s1": STAGES["s1"]}, 100, overrides=overrides)
+    run = tmp_path / "run"
+    run.mkdir()
+    driver = start_driver(path, run)
+    reaper[driver.pid] = procs.snapshot()[driver.pid].started
+    wait_for_ranks(run, "s1", driver)
+    deadline = time.monotonic() + 120
+    while True:  # both ranks recorded, rank 0 through its second epoch
+        ranks = {r["rank"]: r for r in st.rank_records(run, "s1")}
+        log = Path(ranks.get(0, {}).get("log") or run / "none")
+        if len(ranks) == 2 and log.is_file() and "epoch 2/100" in log.read_text():
+            break
+        assert time.monotonic() < deadline and driver.poll() is None, "no second epoch"
+        time.sleep(0.2)
+    reaper.update(chain_processes(driver))
+    os.kill(ranks[1]["pid"], signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(r.get("error") for r in st.rank_records(run, "s1") if r["rank"] == 0):
+            assert time.monotonic() < deadline, "rank 0 never gave up"
+            time.sleep(0.2)
+    finally:
+        os.kill(ranks[1]["pid"], signal.SIGCONT)  # the job's controller waits for every rank
+    assert driver.wait(timeout=120) == 1
+    record = st.ChainState.load(run).jobs["s1"]
+    assert record.state == st.FAILED
+    assert record.error.startswith(
+        "rank 0: CollectiveTimeout: rank 0: another rank did not answer within dist.timeout_s = 5 s"
+    ), record.error
+    assert "\n" not in record.error

@@ -125,3 +125,13 @@ def test_global_batchnorm_without_a_process_group_is_batchnorm():
     assert isinstance(converted, GlobalBatchNorm2d)
     x = torch.randn(3, 4, 5, 6)  # float32 path
     torch.testing.assert_close(converted(x), torch.nn.BatchNorm2d(4, eps=1e-3)(x))
+
+
+def test_fewer_samples_than_one_step_names_the_batch_key_in_use():
+    assert DataConfig(manifest="m.json", batch_size=4).batches_per_epoch(17, 2) == 2
+    with pytest.raises(ConfigError, match=r"^data\.batch_size: 7 training samples, fewer than 2"):
+        DataConfig(manifest="m.json", batch_size=4).batches_per_epoch(7, 2)
+    cfg = DataConfig(manifest="m.json", batch_size=1, global_batch_size=6)
+    assert cfg.batches_per_epoch(12, 3) == 2
+    with pytest.raises(ConfigError, match=r"^data\.global_batch_size: 5 training samples, fewer"):
+        cfg.batches_per_epoch(5, 3)

@@ -527,7 +527,7 @@ def test_a_teacher_on_s3_loads_and_teaches(s3_endpoint, tmp_path, manifest_path)
     )
     info = ckpt.describe(url, at(s3_endpoint))
     assert (info.method, info.stage, info.num_classes, info.complete) == ("cil", 1, 5, True)
-    teacher = load_teacher(url, 5, "cpu", options=at(s3_endpoint))
+    teacher = load_teacher(url, 5, "cpu", options=at(s3_endpoint), stage=2)
     local = torch.load(stage1, weights_only=True)["model"]
     assert all(torch.equal(v, local[k]) for k, v in teacher.state_dict().items())
     with pytest.raises(ckpt.CheckpointError, match=f"s3://{BUCKET}/runs/nothing.pt: checkpoint"):

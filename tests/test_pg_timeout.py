@@ -1,4 +1,5 @@
-"""A hung rank ends a 2-rank gloo job within ``dist.timeout_s`` (real CLI processes)."""
+"""A hung rank ends a 2-rank gloo job within ``dist.timeout_s`` (real CLI processes), with one
+line and exit code 3 (``EXIT_TIMEOUT``: operational, not a user error's 2)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from cil_dist.cli import EXIT_TIMEOUT
 from cil_dist.config import ConfigError
 from cil_dist.distributed import DistEnv
 from cil_dist.training.train import build
@@ -37,6 +39,14 @@ def start_rank(rank: int, config: Path, port: int, log: Path) -> subprocess.Pope
         return subprocess.Popen(
             [BIN / "cil", "train", "--config", config], env=env, stderr=stream, cwd=log.parent
         )
+
+
+def assert_one_error_line(stderr: str, expected: str) -> None:
+    """The job's end is one ERROR line, its last, holding ``expected``; no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and expected in errors[0], stderr
+    assert stderr.strip().splitlines()[-1] == errors[0], stderr
 
 
 def wait_for(log: Path, text: str, proc: subprocess.Popen, limit_s: float = 60) -> None:
@@ -71,8 +81,8 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(manifest_path, tmp_path)
                 proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
     text = logs[0].read_text()
-    assert code != 0, text
-    assert "dist.timeout_s = 5 s" in text.strip().splitlines()[-1], text
+    assert code == EXIT_TIMEOUT, text
+    assert_one_error_line(text, "rank 0: another rank did not answer within dist.timeout_s = 5 s")
     assert TIMEOUT_S - 1 <= waited <= TIMEOUT_S + MARGIN_S
     assert (tmp_path / "runs" / "hang" / "checkpoints" / "epoch_0001.pt").is_file()
 
@@ -119,6 +129,6 @@ def test_cil_eval_gives_up_on_a_missing_rank_after_dist_timeout(manifest_path, t
     started = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     waited = time.monotonic() - started
-    assert done.returncode != 0
-    assert f"dist.timeout_s = {TIMEOUT_S} s" in done.stderr.strip().splitlines()[-1], done.stderr
+    assert done.returncode == EXIT_TIMEOUT, done.stderr
+    assert_one_error_line(done.stderr, f"dist.timeout_s = {TIMEOUT_S} s")
     assert waited <= TIMEOUT_S + MARGIN_S + 15  # + the CLI's start-up

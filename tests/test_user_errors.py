@@ -289,3 +289,33 @@ def test_chain_validation_names_a_credentialed_manifest_without_its_secrets(shar
             validate_chain(load_chain(str(path)), tmp_path / "run", "local", str(path))
     assert f"e: split 'nosuch' is not in {base}/manifest.json (it has" in str(caught.value)
     assert_no_secret(tmp_path / "run", str(caught.value), *caught.value.problems)
+
+
+def test_a_slot_whose_every_shard_is_unreadable_ends_in_one_line(shard_dir, tmp_path):
+    """``on_shard_error: skip`` and no readable task1 shard (not found, server error, cut
+    off) behind a credentialed, pre-signed manifest URL: the DataLoader worker's slot finds no
+    samples, and ``cil train`` says so in one line naming the redacted source and the slot,
+    exit code 2."""
+    faults = {"task1-000000.tar": "404", "task1-000001.tar": "500", "task1-000002.tar": "truncate"}
+    with credential_http(shard_dir, faults) as base:
+        manifest = f"{with_credentials(base)}/manifest.json?sig={SIGNATURE}"
+        out = tmp_path / "runs"
+        config = tiny_yaml(tmp_path, out, manifest=manifest, on_shard_error="skip")
+        done = subprocess.run(
+            [BIN / "cil", "train", "--config", config],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = error_lines(done.stderr)
+    assert len(errors) == 1, done.stderr
+    assert errors[0].endswith(
+        f"ERROR cil: {base}/manifest.json [task1]: slot 0 of 1 finds no samples in 64 passes "
+        "over its shards (every shard it reads is unreadable; data.on_shard_error=skip)"
+    ), errors
+    for name in faults:  # each shard was tried and skipped
+        assert f"skipping the rest of {base}/task1/{name}" in done.stderr, name
+    assert_no_secret(out, done.stdout, done.stderr)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cil_dist.config import ConfigError, DataConfig
+from cil_dist.config import DataConfig
 from cil_dist.data.cache import CacheSpec, DecodedFrames, ensure
 from cil_dist.data.device_augment import DeviceAugment, draw_params
 from cil_dist.data.global_order import GlobalOrder, augment_generator, epoch_permutation
@@ -181,12 +181,8 @@ def build_cached_loader(
         )
     frames = DecodedFrames.open(spec.dir)
     rank_batch = cfg.rank_batch_size(env.world_size)
+    cfg.batches_per_epoch(len(frames), env.world_size)  # the chain validation's rule too
     order = GlobalOrder(len(frames), rank_batch * env.world_size, seed)
-    if order.steps < 1:
-        raise ConfigError(
-            f"data.batch_size: {source.description} holds {len(frames)} samples, fewer than "
-            f"one global batch of {order.global_batch}"
-        )
     log.info(
         "training data %s from the decoded cache %s: %d samples, %d global batches of %d "
         "(%d per rank) per epoch",

@@ -21,7 +21,9 @@ The recipe (it avoids webdataset's known multi-rank traps by construction):
    samples lost (:attr:`EpochLoader.skipped`, over workers; :meth:`SkipCounter.totals` over
    ranks), training still cycling to its quota so every rank keeps the same number of batches.
    Otherwise the shard's error (URL redacted, last key read) reaches the training process as
-   raised, also from a worker process.
+   raised, also from a worker process. A training slot that finds no readable sample in
+   ``MAX_EMPTY_CYCLES`` passes over its shards (every one skipped) ends the run with
+   :class:`EmptySlotError`, a data error like the others (:data:`DATA_ERRORS`).
 """
 
 from __future__ import annotations
@@ -62,7 +64,16 @@ from cil_dist.storage import StorageOptions
 log = logging.getLogger(__name__)
 
 MAX_EMPTY_CYCLES = 64
-DATA_ERRORS = (ShardReadError, SampleError)  # one line naming the shard (redacted) and key
+
+
+class EmptySlotError(RuntimeError):
+    """A training slot (a DataLoader worker's share) finds no readable sample at all, e.g.
+    every shard it reads skipped under ``data.on_shard_error: skip``; names the (redacted)
+    source and the slot."""
+
+
+# data errors: one line naming the shard (redacted) and key, or the source and slot
+DATA_ERRORS = (ShardReadError, SampleError, EmptySlotError)
 
 
 @dataclass(frozen=True)
@@ -227,7 +238,11 @@ class ShardStream(IterableDataset):
             # a tiny shard shared by many slots can leave one slot empty in some cycles
             empty_cycles = 0 if produced else empty_cycles + 1
             if empty_cycles > MAX_EMPTY_CYCLES:
-                raise RuntimeError(f"{self.source.description}: slot {slot} finds no samples")
+                raise EmptySlotError(
+                    f"{self.source.description}: slot {slot} of {slots} finds no samples in "
+                    f"{MAX_EMPTY_CYCLES} passes over its shards (every shard it reads is "
+                    f"unreadable; data.on_shard_error={self.policy.on_error})"
+                )
 
     def _eval_samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         for piece in assign(list(self.source.refs), slots, slot):
@@ -380,12 +395,7 @@ def build_train_loader(
             "data.samples_per_epoch: required when training from shard URLs without a manifest"
         )
     batch_size = cfg.rank_batch_size(env.world_size)
-    batches = total // (env.world_size * batch_size)
-    if batches < 1:
-        raise ConfigError(
-            f"data.batch_size: {source.description} holds {total} samples, fewer than "
-            f"world_size × batch_size = {env.world_size} × {batch_size}"
-        )
+    batches = cfg.batches_per_epoch(total, env.world_size)  # the chain validation's rule too
     transform = SegmentationTransform(
         tuple(cfg.resize),
         tuple(cfg.mean),

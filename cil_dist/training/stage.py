@@ -10,10 +10,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cil_dist.config import ConfigError, TrainConfig
+from cil_dist.config import (
+    METHODS,
+    ConfigError,
+    TrainConfig,
+    method_problem,
+    needs_previous,
+    teacher_problem,
+)
 from cil_dist.protocol import TaskProtocol
 
-METHODS = ("cil", "finetune", "joint")
+__all__ = ["METHODS", "StagePlan", "plan_stage"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,7 @@ class StagePlan:
 
     @property
     def uses_previous(self) -> bool:
-        return self.method in ("cil", "finetune") and self.num_old_classes > 0
+        return needs_previous(self.method, self.stage) and self.num_old_classes > 0
 
     @property
     def task_sets(self) -> list[str]:
@@ -41,35 +48,29 @@ class StagePlan:
 
 
 def plan_stage(cfg: TrainConfig, protocol: TaskProtocol) -> StagePlan:
+    """The stage's plan; a wiring mistake is a :class:`ConfigError` worded by the rules of
+    :mod:`cil_dist.config` (the chain validation reports the same words)."""
     method, tasks = cfg.stage.method, len(protocol.tasks)
-    if method not in METHODS:
-        raise ConfigError(f"stage.method: expected one of {METHODS}, got {method!r}")
+    if problem := method_problem(method):
+        raise ConfigError(f"stage.method: {problem}")
+    stage = tasks if method == "joint" else cfg.stage.stage
+    if method != "joint" and not 1 <= stage <= tasks:
+        raise ConfigError(
+            f"stage.stage: protocol {protocol.name!r} has stages 1..{tasks}, not {stage}"
+        )
+    if problem := teacher_problem(method, stage, bool(cfg.teacher.checkpoint)):
+        raise ConfigError(f"teacher.checkpoint: {problem}")
     if method == "joint":
-        if cfg.teacher.checkpoint:
-            raise ConfigError("teacher.checkpoint: the joint baseline trains without a teacher")
         splits = tuple(f"task{k}" for k in range(1, tasks + 1))
         return StagePlan(
             protocol, method, tasks, protocol.num_classes, 0, splits, protocol.joint_lut()
         )
-    stage = cfg.stage.stage
-    if not 1 <= stage <= tasks:
-        raise ConfigError(
-            f"stage.stage: protocol {protocol.name!r} has stages 1..{tasks}, not {stage}"
-        )
-    old = protocol.classes_up_to(stage - 1)
-    if stage > 1 and not cfg.teacher.checkpoint:
-        raise ConfigError(
-            f"teacher.checkpoint: stage {stage} ({method}) needs the final checkpoint "
-            f"of stage {stage - 1}"
-        )
-    if stage == 1 and cfg.teacher.checkpoint:
-        raise ConfigError("teacher.checkpoint: stage 1 has no previous stage; leave it empty")
     return StagePlan(
         protocol,
         method,
         stage,
         protocol.classes_up_to(stage),
-        old,
+        protocol.classes_up_to(stage - 1),
         (f"task{stage}",),
         protocol.stage_lut(stage),
     )

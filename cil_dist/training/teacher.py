@@ -11,27 +11,28 @@ import logging
 
 import torch
 
+from cil_dist.config import teacher_classes_problem
 from cil_dist.model import ERFNet, load_state_dict_checked
 from cil_dist.storage import StorageOptions
 from cil_dist.training.checkpoint import CheckpointError, load_checkpoint, num_classes_of
 from cil_dist.training.precision import Precision
+from cil_dist.urls import redact_url
 
 log = logging.getLogger(__name__)
 
 
 def load_previous_state(
-    path: str, expected_classes: int, options: StorageOptions | None = None
+    path: str, expected_classes: int, options: StorageOptions | None = None, *, stage: int
 ) -> dict[str, torch.Tensor]:
-    """Model weights of the previous stage's checkpoint, checked to cover ``expected_classes``
-    (``options``: how an object-storage URL is reached, the stage's data options)."""
+    """Model weights of the previous stage's checkpoint, checked to be a stage model with the
+    ``expected_classes`` of the tasks before ``stage`` (``options``: how an object-storage URL
+    is reached, the stage's data options)."""
     payload = load_checkpoint(path, options=options)
     state = payload["model"]
     found = num_classes_of(state, path)
-    if found != expected_classes:
-        raise CheckpointError(
-            f"{path}: the previous stage's model has {found} classes, but this stage needs a "
-            f"teacher with the {expected_classes} classes of the earlier tasks"
-        )
+    problem = teacher_classes_problem(found, expected_classes, stage, payload.get("method"))
+    if problem:
+        raise CheckpointError(f"{redact_url(path)}: the previous stage's model {problem}")
     return state
 
 
@@ -41,10 +42,14 @@ def load_teacher(
     device: str,
     channels_last: bool = False,
     options: StorageOptions | None = None,
+    *,
+    stage: int,
 ) -> ERFNet:
-    """Build the frozen teacher from a checkpoint (cil-dist or a reference state dict)."""
+    """Build the frozen teacher of ``stage`` from a checkpoint (cil-dist or a reference state
+    dict)."""
     teacher = ERFNet(expected_classes)
-    load_state_dict_checked(teacher, load_previous_state(path, expected_classes, options))
+    previous = load_previous_state(path, expected_classes, options, stage=stage)
+    load_state_dict_checked(teacher, previous)
     teacher.requires_grad_(False)
     teacher.eval()
     teacher.to(

@@ -185,7 +185,9 @@ def build_student(cfg: TrainConfig, plan: StagePlan, env: DistEnv) -> ERFNet:
     student = build_model(plan.num_classes, encoder_init=cfg.model.encoder_init or None)
     if plan.method == "finetune" and plan.uses_previous:
         options = StorageOptions.from_data_config(cfg.data)
-        previous = load_previous_state(cfg.teacher.checkpoint, plan.num_old_classes, options)
+        previous = load_previous_state(
+            cfg.teacher.checkpoint, plan.num_old_classes, options, stage=plan.stage
+        )
         init_from_previous(student, previous, plan.num_old_classes)
     if cfg.model.sync_batchnorm and env.distributed:
         if cfg.model.apex:
@@ -233,6 +235,7 @@ def build(cfg: TrainConfig, env: DistEnv) -> Components:
             env.device,
             cfg.model.channels_last,
             StorageOptions.from_data_config(cfg.data),
+            stage=plan.stage,
         )
     precision = build_precision(cfg.precision, env)
     bare = build_student(cfg, plan, env)
