@@ -26,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt | system-deps
 demo: setup
 	$(BIN)/python scripts/demo.py --out $(DEMO)
 
-# The converged reproduction on the synthetic Cityscapes (67 minutes on 2 cores; README).
+# The converged reproduction on the synthetic Cityscapes (67 minutes on 2 Xeon cores; README).
 # REPRODUCE_SET adds chain overrides, e.g. "stages.cil_stage3.epochs=120".
 REPRODUCE_SET ?=
 reproduce: setup
