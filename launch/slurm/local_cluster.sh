@@ -73,6 +73,27 @@ start_mariadb() {
     GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
 }
 
+# slurmdbd.conf and an empty cgroup.conf beside $CONF (also used by multinode_cluster.sh)
+write_dbd_configs() {
+  cat >"$STATE/etc/slurmdbd.conf" <<CONF
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$((PORT_BASE + 2))
+SlurmUser=root
+PidFile=$STATE/slurmdbd.pid
+LogFile=$STATE/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$((PORT_BASE + 3))
+StorageUser=slurm
+StoragePass=cil-local-only
+StorageLoc=slurm_acct_db
+CONF
+  chmod 0600 "$STATE/etc/slurmdbd.conf"
+  echo "# empty: no cgroups (ProctrackType=proctrack/linuxproc)" >"$STATE/etc/cgroup.conf"
+}
+
 write_configs() {
   install -d "$STATE/etc" "$STATE/ctld" "$STATE/slurmd" "$STATE/log"
   cat >"$CONF" <<CONF
@@ -111,23 +132,7 @@ JobCompType=jobcomp/none
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 CONF
-  cat >"$STATE/etc/slurmdbd.conf" <<CONF
-AuthType=auth/munge
-DbdHost=localhost
-DbdAddr=127.0.0.1
-DbdPort=$((PORT_BASE + 2))
-SlurmUser=root
-PidFile=$STATE/slurmdbd.pid
-LogFile=$STATE/log/slurmdbd.log
-StorageType=accounting_storage/mysql
-StorageHost=127.0.0.1
-StoragePort=$((PORT_BASE + 3))
-StorageUser=slurm
-StoragePass=cil-local-only
-StorageLoc=slurm_acct_db
-CONF
-  chmod 0600 "$STATE/etc/slurmdbd.conf"
-  echo "# empty: no cgroups (ProctrackType=proctrack/linuxproc)" >"$STATE/etc/cgroup.conf"
+  write_dbd_configs
 }
 
 resolve_node() {

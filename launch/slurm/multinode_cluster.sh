@@ -113,23 +113,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 ${nodes}PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP
 CONF
-  cat >"$STATE/etc/slurmdbd.conf" <<CONF
-AuthType=auth/munge
-DbdHost=localhost
-DbdAddr=127.0.0.1
-DbdPort=$((PORT_BASE + 2))
-SlurmUser=root
-PidFile=$STATE/slurmdbd.pid
-LogFile=$STATE/log/slurmdbd.log
-StorageType=accounting_storage/mysql
-StorageHost=127.0.0.1
-StoragePort=$((PORT_BASE + 3))
-StorageUser=slurm
-StoragePass=cil-local-only
-StorageLoc=slurm_acct_db
-CONF
-  chmod 0600 "$STATE/etc/slurmdbd.conf"
-  echo "# empty: no cgroups (ProctrackType=proctrack/linuxproc)" >"$STATE/etc/cgroup.conf"
+  write_dbd_configs
 }
 
 node_alive() { [ -f "$STATE/slurmd-$1.pid" ] && kill -0 "$(cat "$STATE/slurmd-$1.pid")" 2>/dev/null; }
