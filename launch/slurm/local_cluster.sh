@@ -94,22 +94,9 @@ CONF
   echo "# empty: no cgroups (ProctrackType=proctrack/linuxproc)" >"$STATE/etc/cgroup.conf"
 }
 
-write_configs() {
-  install -d "$STATE/etc" "$STATE/ctld" "$STATE/slurmd" "$STATE/log"
-  cat >"$CONF" <<CONF
-ClusterName=cil
-SlurmctldHost=$NODE(127.0.0.1)
-SlurmUser=root
-SlurmctldPort=$PORT_BASE
-SlurmdPort=$((PORT_BASE + 1))
-AuthType=auth/munge
-AuthInfo=cred_expire=10
-StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/slurmd
-SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
-SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+# slurm.conf lines both local clusters share: scheduling, limits, accounting through slurmdbd
+scheduler_and_accounting_conf() {
+  cat <<CONF
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -129,6 +116,26 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$((PORT_BASE + 2))
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
+CONF
+}
+
+write_configs() {
+  install -d "$STATE/etc" "$STATE/ctld" "$STATE/slurmd" "$STATE/log"
+  cat >"$CONF" <<CONF
+ClusterName=cil
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=root
+SlurmctldPort=$PORT_BASE
+SlurmdPort=$((PORT_BASE + 1))
+AuthType=auth/munge
+AuthInfo=cred_expire=10
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/slurmd
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd.log
+$(scheduler_and_accounting_conf)
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -90,27 +90,9 @@ SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-ReturnToService=2
+$(scheduler_and_accounting_conf)
 SlurmdTimeout=10
 KillOnBadExit=1
-SchedulerType=sched/backfill
-SchedulerParameters=defer_batch=0
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SlurmdParameters=config_overrides
-SlurmctldParameters=preempt_send_user_signal
-DependencyParameters=kill_invalid_depend
-EnforcePartLimits=ALL
-KillWait=5
-MinJobAge=600
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
-AccountingStoragePort=$((PORT_BASE + 2))
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
 ${nodes}PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP
 CONF
   write_dbd_configs
