@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from cil_dist.config import AugmentConfig
+from cil_dist.data.transforms import normalize
 from cil_dist.labels import IGNORE
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's "L" conversion
@@ -258,11 +259,6 @@ class DeviceAugment:
             images = adjust_hue(images, params.hue)
         return images
 
-    def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1) * 255.0
-        return (images - mean) / std
-
     def __call__(
         self,
         images: torch.Tensor,
@@ -274,5 +270,5 @@ class DeviceAugment:
         """``lut``: the stage's label look-up table (on the device), applied to the crops'
         raw label ids; None: ``labels`` are used as they are."""
         crops, crop_labels = self.geometry(images, labels, params, lut)
-        crops = self.normalise(self.jitter(crops, params.to(images.device)))
+        crops = normalize(self.jitter(crops, params.to(images.device)), self.mean, self.std)
         return crops.contiguous(memory_format=memory_format), crop_labels
