@@ -12,6 +12,11 @@ import torch.multiprocessing as mp
 from cil_dist.config import AugmentConfig, DataConfig, TrainConfig
 
 
+def error_lines(stderr: str) -> list[str]:
+    """The ERROR log lines of a CLI's stderr (a user error ends in exactly one)."""
+    return [line for line in stderr.splitlines() if " ERROR " in line]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

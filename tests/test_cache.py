@@ -38,7 +38,7 @@ from cil_dist.data.transforms import decode_pair, resize_pair
 from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
 from cil_dist.protocol import TaskProtocol
 from cil_dist.training import checkpoint as ckpt
-from tests.helpers import run_ranks, tiny_train_config
+from tests.helpers import error_lines, run_ranks, tiny_train_config
 
 BIN = Path(sys.executable).parent
 SIZE = [64, 32]  # frames are resized from the shards' 128x64: the resize is exercised
@@ -207,7 +207,7 @@ def test_a_cache_that_does_not_fit_is_refused_in_one_line(manifest_path, tmp_pat
     )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    errors = error_lines(done.stderr)
     assert len(errors) == 1, done.stderr
     assert re.search(expected, errors[0]), errors[0]
     assert not list((tmp_path / "cache").glob("*.building"))
@@ -249,7 +249,7 @@ def test_a_corrupt_shard_fails_the_build_in_one_line_and_leaves_nothing_to_read(
     )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    errors = error_lines(done.stderr)
     assert len(errors) == 1, done.stderr
     assert f"ERROR cil: shard {broken}: " in errors[0], errors
     left = [p.name for p in cache.iterdir() if not p.name.endswith(".lock")]

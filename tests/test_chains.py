@@ -20,6 +20,7 @@ from launch.monitor import pid_alive
 from launch.submit import submit_chain
 from launch.validate import ChainError, validate_chain
 from tests.chains import corrupt_copy, final_weights, write_chain
+from tests.helpers import error_lines
 from tests.test_erfnet import write_romera_encoder
 
 IMAGENET_ENCODER = "pretrained/erfnet_encoder_pretrained.pth.tar"
@@ -359,7 +360,7 @@ def test_a_chain_and_cil_train_word_the_same_mistake_alike(tmp_path, manifest_pa
             cwd=tmp_path,
         )
         assert done.returncode == 2, done.stderr
-        errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+        errors = error_lines(done.stderr)
         assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
         assert errors[0].split(" ERROR cil: ", 1)[1] == train_key + words, errors
         path = write_chain(tmp_path / f"chain{index}", manifest_path, stages)

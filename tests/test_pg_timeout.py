@@ -17,7 +17,7 @@ from cil_dist.cli import EXIT_TIMEOUT
 from cil_dist.config import ConfigError
 from cil_dist.distributed import DistEnv
 from cil_dist.training.train import build
-from tests.helpers import free_port, tiny_train_config
+from tests.helpers import error_lines, free_port, tiny_train_config
 
 BIN = Path(sys.executable).parent
 TIMEOUT_S = 5
@@ -44,7 +44,7 @@ def start_rank(rank: int, config: Path, port: int, log: Path) -> subprocess.Pope
 def assert_one_error_line(stderr: str, expected: str) -> None:
     """The job's end is one ERROR line, its last, holding ``expected``; no traceback."""
     assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    errors = error_lines(stderr)
     assert len(errors) == 1 and expected in errors[0], stderr
     assert stderr.strip().splitlines()[-1] == errors[0], stderr
 

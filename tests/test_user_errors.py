@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from cil_dist.data.pipeline import ShardSource
 from cil_dist.distributed import DistEnv
 from tests.chains import write_chain
-from tests.helpers import tiny_train_config
+from tests.helpers import error_lines, tiny_train_config
 
 BIN = Path(sys.executable).parent
 USER, PASSWORD, SIGNATURE = "cil-user", "PASS-4e1d9a", "SECRET-sig-77b2c0"
@@ -95,10 +95,6 @@ def assert_no_secret(folder: Path, *texts: str) -> None:
         if path.is_file() and not path.name.endswith("_submitted.pkl"):
             data = path.read_bytes()
             assert PASSWORD.encode() not in data and SIGNATURE.encode() not in data, path
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if " ERROR " in line]
 
 
 def tiny_yaml(folder: Path, out_dir: Path, **data) -> Path:
