@@ -189,6 +189,18 @@ def tiny_yaml(folder: Path, manifest: str, **data) -> Path:
     return path
 
 
+def the_one_error_of_cil_train(config) -> str:
+    """``cil train --config config`` ends with exit code 2 and one ERROR line, no traceback."""
+    done = subprocess.run(
+        [BIN / "cil", "train", "--config", config], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = error_lines(done.stderr)
+    assert len(errors) == 1, done.stderr
+    return errors[0]
+
+
 def test_a_cache_that_does_not_fit_is_refused_in_one_line(manifest_path, tmp_path):
     config = tiny_yaml(
         tmp_path,
@@ -202,13 +214,7 @@ def test_a_cache_that_does_not_fit_is_refused_in_one_line(manifest_path, tmp_pat
         r"2\.6 TB \(2560000000000 bytes\); .*cache has .* free, MemAvailable − 1 GiB is .*; "
         r"use data\.cache=disk with data\.cache_dir="
     )
-    done = subprocess.run(
-        [BIN / "cil", "train", "--config", config], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    errors = error_lines(done.stderr)
-    assert len(errors) == 1, done.stderr
+    errors = [the_one_error_of_cil_train(config)]
     assert re.search(expected, errors[0]), errors[0]
     assert not list((tmp_path / "cache").glob("*.building"))
 
@@ -244,13 +250,7 @@ def test_a_corrupt_shard_fails_the_build_in_one_line_and_leaves_nothing_to_read(
     config = tiny_yaml(
         tmp_path, str(shards / "manifest.json"), cache="disk", cache_dir=str(cache)
     )  # two build processes (the default): the error crosses from one of them
-    done = subprocess.run(
-        [BIN / "cil", "train", "--config", config], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    errors = error_lines(done.stderr)
-    assert len(errors) == 1, done.stderr
+    errors = [the_one_error_of_cil_train(config)]
     assert f"ERROR cil: shard {broken}: " in errors[0], errors
     left = [p.name for p in cache.iterdir() if not p.name.endswith(".lock")]
     assert len(left) == 1 and left[0].endswith(".building"), left  # the next build removes it
