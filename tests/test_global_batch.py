@@ -1,6 +1,7 @@
 """The global batch: per-rank batch from data.global_batch_size, losses normalised over the
-pixels of all ranks and BatchNorm over all ranks' samples, so that 2 gloo ranks × 3 images take
-the same optimiser step as 1 rank × 6 (real processes, real DDP)."""
+pixels of all ranks, BatchNorm over all ranks' samples and dropout masks drawn over the global
+batch, so that 2 gloo ranks × 3 images take the same optimiser step as 1 rank × 6 (real
+processes, real DDP)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cil_dist.config import ConfigError, DataConfig
 from cil_dist.model import ERFNet
+from cil_dist.model.global_dropout import set_dropout_draws
 from cil_dist.model.sync_batchnorm import GlobalBatchNorm2d, convert_sync_batchnorm
 from cil_dist.training.losses import PixelCounts, global_pixel_counts, incremental_loss
 from tests.helpers import run_ranks
 
 BATCH, OLD, CLASSES = 6, 5, 11
+DROPOUT_SEED = 7
 
 
 def test_per_rank_batch_is_the_global_batch_divided_by_the_ranks():
@@ -43,11 +46,7 @@ def student() -> ERFNet:
     """In float64: ERFNet's gradients at initialisation differ by ~3% between float32 and
     float64 on the same process, which would hide any error of the distributed step."""
     torch.manual_seed(0)
-    model = ERFNet(CLASSES).double()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout2d):
-            module.p = 0.0  # dropout masks differ per process; everything else must not
-    return model.train()
+    return ERFNet(CLASSES).double().train()  # dropout on: its masks follow the global batch
 
 
 def step_gradients(model: torch.nn.Module, images, labels, teacher, counts) -> torch.Tensor:
@@ -76,6 +75,7 @@ def _rank(rank: int, out: str, sync_bn: bool, global_counts: bool) -> None:
     if sync_bn:
         model = convert_sync_batchnorm(model, "cpu")
     ddp = DistributedDataParallel(model)
+    set_dropout_draws(model, DROPOUT_SEED, BATCH, rank * BATCH // world)
     counts = global_pixel_counts(labels, world) if global_counts else None
     loss = step_gradients(ddp, images, labels, teacher, counts)
     losses = [torch.zeros((), dtype=loss.dtype) for _ in range(world)]
@@ -103,6 +103,7 @@ def two_rank_step(tmp_path: Path, sync_bn: bool, global_counts: bool) -> dict:
 def test_two_ranks_of_three_take_the_step_of_one_rank_of_six(tmp_path):
     images, labels, teacher = inputs()
     model = student()
+    set_dropout_draws(model, DROPOUT_SEED, BATCH, 0)
     loss = step_gradients(model, images, labels, teacher, PixelCounts.of(labels))
     reference = {"loss": loss, "grads": flat_grads(model), "stats": running_stats(model)}
 

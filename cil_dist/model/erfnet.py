@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cil_dist.model.global_dropout import GlobalBatchDropout2d
 from cil_dist.training.checkpoint import WeightsFileError, read_weights
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class NonBottleneck1d(nn.Module):
             channels, channels, (1, 3), padding=(0, dilation), dilation=(1, dilation)
         )
         self.bn2 = nn.BatchNorm2d(channels, eps=BN_EPS)
-        self.dropout = nn.Dropout2d(dropout)
+        self.dropout = GlobalBatchDropout2d(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.conv3x1_1(x))

@@ -27,6 +27,7 @@ from cil_dist.data.shardlist import derive_seed
 from cil_dist.distributed import DistEnv, all_reduce_sum, barrier, process_group
 from cil_dist.logs import setup_logging
 from cil_dist.model import ERFNet, build_model
+from cil_dist.model.global_dropout import set_dropout_draws
 from cil_dist.model.sync_batchnorm import convert_sync_batchnorm
 from cil_dist.protocol import TaskProtocol
 from cil_dist.storage import StorageOptions
@@ -93,6 +94,12 @@ def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv) -
     memory = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     images, labels = parts.loader.to_device(batch, env.device, memory)
     parts.optimizer.zero_grad(set_to_none=True)
+    # dropout masks of the whole global batch from one seed per (seed, epoch, step), this rank
+    # keeping its slice: the same masks per sample at any world size and after any resume
+    rank_batch = images.shape[0]
+    state = parts.state
+    seed = derive_seed("dropout", cfg.seed, state.epoch, state.epoch_step)
+    set_dropout_draws(parts.bare_student, seed, rank_batch * env.world_size, env.rank * rank_batch)
     teacher_logits = (
         teacher_forward(parts.teacher, images, parts.precision) if parts.teacher else None
     )
@@ -141,10 +148,6 @@ def train_one_epoch(
         mininterval=1.0 if sys.stderr.isatty() else 30.0,
     ) as bar:
         for batch in parts.loader:
-            # Dropout draws from each rank's global RNG: seeded per (seed, epoch, step, rank),
-            # a run resumed at any step repeats the uninterrupted one.
-            seed = derive_seed("dropout", cfg.seed, state.epoch, state.epoch_step, env.rank)
-            torch.manual_seed(seed % 2**63)
             figures = train_step(parts, cfg, batch, env).cpu()
             sums = figures if sums is None else sums + figures
             images += batch["image"].shape[0]
