@@ -2,6 +2,8 @@
 # Both depend on `make setup`, which creates .venv and installs the project into it.
 PYTHON ?= python3
 VENV   ?= .venv
+# pytest-xdist workers of make test (tests/conftest.py keeps all SLURM tests on one of them)
+TEST_WORKERS ?= 2
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= out/demo
@@ -39,10 +41,10 @@ sweep-demo: setup
 	$(BIN)/cil-launch sweep demo_temperature_lambda --out out/sweep-demo --max-parallel 2
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

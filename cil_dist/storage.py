@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20
 DEFAULT_BLOCK_SIZE = 8 << 20  # bytes per ranged GET: bounds the memory of one open stream
 S3_PROTOCOLS = ("s3", "s3a")
+S3_REQUEST_TRIES = 3  # s3fs's tries per S3 call (its default: 5), before data.read_retries
 READ_TIMEOUT = 60.0  # seconds without a byte before an http(s) read fails (then is retried)
 
 # scheme://[userinfo@]rest[?query][#fragment]: userinfo, query and fragment may carry secrets
@@ -102,11 +103,16 @@ def filesystem(
     if protocol in ("http", "https"):  # a stalled transfer fails (and is retried), none hangs
         kwargs["client_kwargs"] = {"timeout": _http_timeout()}
     try:
-        return fsspec.core.url_to_fs(url, **kwargs)
+        fs, path = fsspec.core.url_to_fs(url, **kwargs)
     except ImportError as exc:
         extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(protocol_of(url))
         hint = f"; install it with `pip install cil-dist[{extra}]`" if extra else ""
         raise ImportError(f"{redact_url(url)}: {exc}{hint}") from None
+    if protocol in S3_PROTOCOLS:
+        # s3fs tries each call 5 times and a ranged read's call 5 times more (25 requests and
+        # ~11 s of sleeps before a read fails); S3_REQUEST_TRIES bounds that to ~2 s
+        fs.retries = S3_REQUEST_TRIES
+    return fs, path
 
 
 @functools.cache

@@ -103,7 +103,11 @@ def refresh(chain_state: st.ChainState) -> st.ChainState:
             continue
         if chain_state.executor == "slurm":
             merged = st.SLURM_STATES.get(raw, record.state)
-            if status.get("state") == st.FAILED:
+            # SLURM's word while it still holds the job: a job requeued after its attempt
+            # failed (a lost node: NODE_FAIL, then PENDING under the same id) runs again, so its
+            # dependents stay queued; a failing attempt's teardown shows RUNNING until it ends
+            held = raw in st.SLURM_STATES and merged in (st.PENDING, st.RUNNING)
+            if status.get("state") == st.FAILED and not held:
                 merged = st.FAILED
             record.state = merged
             if merged == st.FAILED:

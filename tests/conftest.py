@@ -15,6 +15,36 @@ from cil_dist.protocol import TaskProtocol
 
 TINY_SIZE = (128, 64)
 
+# `make test` runs the suite on pytest-xdist workers, one test file per worker at a time. Both
+# SLURM clusters (they share munged, the apt install and the job-id space of sacct) are one unit
+# of work, so one worker runs all their tests, one module after the other; the longest units go
+# first, so no worker is left with a long one at the end.
+SLURM_FILES = ("tests/test_multinode_slurm.py", "tests/test_slurm.py")
+LONGEST_FIRST = (*SLURM_FILES, "tests/test_end_to_end.py", "tests/test_chains.py")
+
+
+def file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class ClusterAwareScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = file_of(nodeid)
+            return "slurm clusters" if path in SLURM_FILES else path
+
+    config.option.loadscopereorder = False  # the collection's order, set below
+    return ClusterAwareScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):  # an xdist worker: the longest units first
+        rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(file_of(item.nodeid), len(rank)))
+
 
 @pytest.fixture(scope="session")
 def paper_protocol() -> TaskProtocol:

@@ -180,6 +180,8 @@ class ResetProxy:
                 fault = state["fault"]
                 if fault is not None and fault.from_offset is not None:
                     if state.get("refuse"):
+                        with self.lock:
+                            fault.resets += 1
                         _reset(client)
                         _reset(server)
                         return
