@@ -155,3 +155,47 @@ def test_losing_a_node_ends_the_job_and_resubmission_resumes(slurm_conf, tmp_pat
     assert saved <= resumed_at < EPOCHS  # at least the checkpoint that existed at the kill
     assert st.read_status(run, "s1")["attempts"] == 2
     assert (checkpoints / "final.pt").is_file()
+
+
+def test_a_job_slurm_requeues_after_losing_a_node_stays_queued_and_resumes(
+    slurm_conf, tmp_path, manifest_path
+):
+    # SLURM's default: a job that lost a node is requeued under the same id; the chain follows
+    # it (PENDING, its dependent still queued) instead of recording the lost attempt as failed
+    path = one_stage(
+        tmp_path,
+        manifest_path,
+        TWO_NODES,
+        EPOCHS,
+        overrides=["dist.timeout_s=20"],
+        evaluations={"e1": {"stage": "s1", "task_sets": ["1"]}},
+    )
+    run = tmp_path / "run"
+    job_id = submit_chain(load_chain(str(path)), run, "slurm").jobs["s1"].job_id
+    checkpoints = run / "stages" / "s1" / "checkpoints"
+    deadline = time.monotonic() + CHAIN_TIMEOUT_S
+    while not list(checkpoints.glob("epoch_*.pt")):
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.2)
+    saved = max(int(p.stem.split("_")[1]) for p in checkpoints.glob("epoch_*.pt"))
+    assert kill_node("cilnode2")
+    killed_at = time.monotonic()
+    while sacct_states([job_id]).get(job_id) not in ("PENDING", "REQUEUED"):
+        assert time.monotonic() - killed_at < 60, sacct_states([job_id])
+        time.sleep(0.5)
+    logger.info("job %s requeued %.1f s after the kill", job_id, time.monotonic() - killed_at)
+    chain_state = refresh(st.ChainState.load(run))
+    assert chain_state.jobs["s1"].state == st.PENDING, chain_state.jobs["s1"]
+    assert chain_state.jobs["e1"].state == st.PENDING, chain_state.jobs["e1"]
+    restarted = cluster("start", SCRIPT)  # brings cilnode2 back: the requeued job runs
+    assert restarted.returncode == 0, restarted.stderr
+    final = wait_for_chain(run, poll_s=1, timeout_s=CHAIN_TIMEOUT_S)
+    assert {name: r.state for name, r in final.jobs.items()} == {
+        "s1": st.COMPLETED,
+        "e1": st.COMPLETED,
+    }, final.jobs
+    assert final.jobs["s1"].job_id == job_id  # SLURM's requeue, not a resubmission
+    log = Path(final.jobs["s1"].log).read_text().split("attempt 2")[-1]
+    resumed_at = int(log.split("resumed from")[1].split("at epoch ")[1].split(",")[0])
+    assert saved <= resumed_at < EPOCHS
+    assert st.read_status(run, "s1")["attempts"] == 2
