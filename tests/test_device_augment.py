@@ -77,7 +77,9 @@ def test_hue_shift_equals_the_cpu_paths_hsv_rotation(shift):
 
 
 def test_crop_and_flip_equal_the_cpu_paths_for_the_same_parameters():
-    """Labels: the very same source pixels; images: bilinear, within a grey level on average."""
+    """Labels: the very same source pixels; images: PIL's antialiased bilinear resize, to its
+    rounding (a bilinear sampler without antialiasing was 0.55 grey levels off on average and
+    up to 9 on this smooth image, 9.4 and 120 on noise)."""
     image = smooth_image()
     label = np.random.default_rng(1).integers(0, 19, FRAME[::-1], dtype=np.uint8)
     cfg = AugmentConfig(crop=[160, 80], **NO_JITTER)
@@ -95,7 +97,8 @@ def test_crop_and_flip_equal_the_cpu_paths_for_the_same_parameters():
         if params.flip[i]:
             ref_image, ref_label = ref_image[:, ::-1], ref_label[:, ::-1]
         np.testing.assert_array_equal(crop_labels[i].numpy(), ref_label)
-        assert np.abs(crops[i].permute(1, 2, 0).numpy() - ref_image).mean() < 1.5
+        diff = np.abs(crops[i].permute(1, 2, 0).numpy() - ref_image)
+        assert diff.mean() < 0.1 and diff.max() <= 2.0, (i, diff.mean(), diff.max())
 
 
 def test_a_crop_larger_than_the_rescaled_frame_is_padded_black_with_label_255():

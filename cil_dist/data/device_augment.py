@@ -13,14 +13,13 @@ the CPU, exactly as the CPU path draws them, so a batch's augmentation does not 
 device nor on how a global batch is split among ranks (each rank takes its
 :meth:`AugmentParams.slice`).
 
-Geometry: the crop's output pixel ``(i, j)`` samples the source frame at the same coordinates as
-the CPU path's one-step rescaled crop (PIL's pixel-centre convention). Labels take the nearest
-source pixel with the CPU path's exact indices, so no new label id can appear; images are
-sampled bilinearly without PIL's anti-aliasing (at a down-scale of at most 1.5 a difference of
-a few grey levels at edges). The colour operations follow PIL's ``ImageEnhance`` (blend with
-black, with the mean grey, with the grey image; ITU-R 601 luma) and shift the hue in HSV by the
-same ``round(f · 255)`` steps of 1/256 of the circle, in float without PIL's rounding to uint8
-after each operation.
+Geometry: images are resized to the rescaled size with the antialiased bilinear filter of PIL's
+``resize`` (``F.interpolate(antialias=True)``; equal to the CPU path's one-step rescaled crop up
+to uint8 rounding) and cropped; labels take the nearest source pixel with the CPU path's exact
+indices (PIL's pixel-centre convention), so no new label id can appear. The colour operations
+follow PIL's ``ImageEnhance`` (blend with black, with the mean grey, with the grey image; ITU-R
+601 luma) and shift the hue in HSV by the same ``round(f · 255)`` steps of 1/256 of the circle,
+in float without PIL's rounding to uint8 after each operation.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 from cil_dist.config import AugmentConfig
 from cil_dist.data.transforms import normalize
@@ -108,10 +108,9 @@ def draw_params(
 def source_indices(
     params: AugmentParams, frame_size: tuple[int, int], crop: tuple[int, int]
 ) -> tuple[torch.Tensor, ...]:
-    """Per sample and output column/row: the source coordinate (float, pixel units, as PIL's
-    box resampling), the nearest source index (as the CPU path's label sampling) and whether
-    the pixel lies inside the rescaled frame (else padding). Flipped samples read their
-    columns in reverse."""
+    """Per sample and output column/row: the nearest source index (as the CPU path's label
+    sampling) and whether the pixel lies inside the rescaled frame (else padding). Flipped
+    samples read their columns in reverse."""
     w, h = frame_size
     cw, ch = crop
     sw, sh = rescaled_size(params.factor, frame_size)
@@ -122,11 +121,10 @@ def source_indices(
     u = params.x[:, None] + cols  # pixel of the rescaled frame
     v = params.y[:, None] + rows
     sx, sy = (w / sw.double())[:, None], (h / sh.double())[:, None]  # source px per output px
-    src_x, src_y = (u + 0.5) * sx - 0.5, (v + 0.5) * sy - 0.5
     near_x = torch.clamp(((u + 0.5) * sx).long(), max=w - 1)
     near_y = torch.clamp(((v + 0.5) * sy).long(), max=h - 1)
     inside = (u < sw[:, None])[:, None, :] & (v < sh[:, None])[:, :, None]  # (B, ch, cw)
-    return src_x, src_y, near_x, near_y, inside
+    return near_x, near_y, inside
 
 
 def grey(images: torch.Tensor) -> torch.Tensor:
@@ -180,17 +178,6 @@ def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def bilinear_taps(source: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
-    """The two source indices and the weight of the second, per output coordinate (clamped at
-    the border, as PIL and ``grid_sample(padding_mode="border")``)."""
-    low = torch.floor(source)
-    weight = source - low
-    low = low.long()
-    first = low.clamp(0, size - 1)
-    second = (low + 1).clamp(0, size - 1)
-    return first, second, weight
-
-
 class DeviceAugment:
     """uint8 frames (B, H, W, 3) and uint8 labels (B, H, W), on the device →
     ``(normalised float crops (B, 3, ch, cw), int64 labels (B, ch, cw))``."""
@@ -213,39 +200,43 @@ class DeviceAugment:
         lut: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rescale, crop (pad) and flip: float images (B, 3, ch, cw) in [0, 255] and int64
-        labels (``lut`` applied to the crop's raw labels, padding 255). Bilinear sampling is
-        separable here (rows, then columns): only the window a crop needs is read, straight
-        from the uint8 frames."""
+        labels (``lut`` applied to the crop's raw labels, padding 255).
+
+        Images: the whole frame is resized to the rescaled size with antialiased bilinear
+        filtering (``F.interpolate(antialias=True)``, the filter of PIL's ``resize`` that the CPU
+        path uses; on the CPU straight from uint8, channels last), then cropped. Labels: the
+        nearest source pixel of each output pixel, gathered from the crop's window only."""
         batch, h, w, _ = images.shape
+        cw, ch = self.crop
         device = images.device
-        src_x, src_y, near_x, near_y, inside = source_indices(params.to("cpu"), (w, h), self.crop)
-        top, bottom, wy = bilinear_taps(src_y, h)
-        left, right, wx = bilinear_taps(src_x, w)
-        # the source columns of each crop's window (indices computed on the host: no syncs)
-        low = torch.minimum(left.min(1).values, near_x.min(1).values)
-        high = torch.maximum(right.max(1).values, near_x.max(1).values) + 1
-        left, right, near_x = left - low[:, None], right - low[:, None], near_x - low[:, None]
-        top, bottom, left, right, near_y, near_x = (
-            t.to(device, non_blocking=True) for t in (top, bottom, left, right, near_y, near_x)
-        )
-        wy = wy.float().to(device)[:, :, None, None]
-        wx = wx.float().to(device)[:, None, :, None]
-        crops = images.new_empty((batch, *self.crop[::-1], 3), dtype=torch.float32)
-        crop_labels = labels.new_empty((batch, *self.crop[::-1]))
-        for i in range(batch):  # index_select per sample: the fastest gather on CPU and GPU
-            window = images[i, :, int(low[i]) : int(high[i])]
-            upper = window.index_select(0, top[i]).float()  # (ch, window width, 3)
-            rows = upper.lerp_(window.index_select(0, bottom[i]).float(), wy[i])
-            torch.lerp(
-                rows.index_select(1, left[i]), rows.index_select(1, right[i]), wx[i], out=crops[i]
-            )
+        cpu = params.to("cpu")
+        sw, sh = rescaled_size(cpu.factor, (w, h))
+        near_x, near_y, inside = source_indices(cpu, (w, h), self.crop)
+        # the source columns of each label crop's window (indices on the host: no syncs)
+        low, high = near_x.min(1).values, near_x.max(1).values + 1
+        near_x = near_x - low[:, None]
+        near_y, near_x = near_y.to(device, non_blocking=True), near_x.to(device, non_blocking=True)
+        crops = torch.zeros((batch, 3, ch, cw), dtype=torch.float32, device=device)
+        crop_labels = labels.new_empty((batch, ch, cw))
+        for i in range(batch):
+            frame = images[i].permute(2, 0, 1)[None]  # (1, 3, h, w), channels last
+            if frame.device.type != "cpu":  # CUDA's antialiased resize takes floats only
+                frame = frame.float()
+            size = (int(sh[i]), int(sw[i]))
+            rescaled = F.interpolate(
+                frame, size=size, mode="bilinear", antialias=True, align_corners=False
+            )[0]
+            x, y = int(cpu.x[i]), int(cpu.y[i])
+            window = rescaled[:, y : y + ch, x : x + cw]  # padding: right and bottom
+            if cpu.flip[i]:  # the flipped crop sits at the right (see source_indices)
+                crops[i, :, : window.shape[1], cw - window.shape[2] :] = window.flip(-1)
+            else:
+                crops[i, :, : window.shape[1], : window.shape[2]] = window
             label_window = labels[i, :, int(low[i]) : int(high[i])]
             crop_labels[i] = label_window.index_select(0, near_y[i]).index_select(1, near_x[i])
         crop_labels = crop_labels.long() if lut is None else lut[crop_labels.long()].long()
-        inside = inside.to(device)
-        crops = crops.mul_(inside[..., None])  # padding is black, as the CPU path's
-        crop_labels = crop_labels.masked_fill_(~inside, IGNORE)
-        return crops.permute(0, 3, 1, 2).contiguous(), crop_labels
+        crop_labels = crop_labels.masked_fill_(~inside.to(device), IGNORE)
+        return crops, crop_labels
 
     def jitter(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Brightness → contrast → saturation → hue, in that fixed order (as the original)."""
