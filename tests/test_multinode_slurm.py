@@ -114,20 +114,31 @@ def slurmd_pid(node: str) -> int:
     return int((Path(CONF).parents[1] / f"slurmd-{node}.pid").read_text())
 
 
-def test_losing_a_node_ends_the_job_and_resubmission_resumes(slurm_conf, tmp_path, manifest_path):
-    # dist.timeout_s bounds a collective that never hears from the lost rank; --no-requeue: the
-    # job ends as NODE_FAIL (a requeued job keeps its id, and cilnode2's returning slurmd would
-    # kill the new run as the lost one's leftover)
-    resources = {**TWO_NODES, "sbatch": {"no_requeue": True}}
-    path = one_stage(tmp_path, manifest_path, resources, EPOCHS, overrides=["dist.timeout_s=20"])
-    run = tmp_path / "run"
+def submit_until_checkpoint(path: Path, run: Path) -> tuple[str, int]:
+    """Submit the one-stage chain at ``path``; once stage s1 has written a checkpoint: its job
+    id and the epochs that checkpoint holds."""
     job_id = submit_chain(load_chain(str(path)), run, "slurm").jobs["s1"].job_id
     checkpoints = run / "stages" / "s1" / "checkpoints"
     deadline = time.monotonic() + CHAIN_TIMEOUT_S
     while not list(checkpoints.glob("epoch_*.pt")):
         assert time.monotonic() < deadline, "no checkpoint written"
         time.sleep(0.2)
-    saved = max(int(p.stem.split("_")[1]) for p in checkpoints.glob("epoch_*.pt"))
+    return job_id, max(int(p.stem.split("_")[1]) for p in checkpoints.glob("epoch_*.pt"))
+
+
+def resumed_epoch(log: str) -> int:
+    """The epoch the second attempt in rank 0's ``log`` resumed at."""
+    second = Path(log).read_text().split("attempt 2")[-1]
+    return int(second.split("resumed from")[1].split("at epoch ")[1].split(",")[0])
+
+
+def test_losing_a_node_ends_the_job_and_resubmission_resumes(slurm_conf, tmp_path, manifest_path):
+    # dist.timeout_s bounds a collective that never hears from the lost rank; --no-requeue: the
+    # job ends as NODE_FAIL for good, and resubmitting the chain resumes it (a new job id)
+    resources = {**TWO_NODES, "sbatch": {"no_requeue": True}}
+    path = one_stage(tmp_path, manifest_path, resources, EPOCHS, overrides=["dist.timeout_s=20"])
+    run = tmp_path / "run"
+    job_id, saved = submit_until_checkpoint(path, run)
     assert len(node_pids("cilnode1")) > 1  # slurmd, the batch script, srun, rank 0
     assert kill_node("cilnode2")
     killed_at = time.monotonic()
@@ -150,11 +161,10 @@ def test_losing_a_node_ends_the_job_and_resubmission_resumes(slurm_conf, tmp_pat
     assert resubmitted.jobs["s1"].job_id != job_id
     final = wait_for_chain(run, poll_s=1, timeout_s=CHAIN_TIMEOUT_S)
     assert final.jobs["s1"].state == st.COMPLETED, final.jobs["s1"]
-    log = Path(final.jobs["s1"].log).read_text().split("attempt 2")[-1]
-    resumed_at = int(log.split("resumed from")[1].split("at epoch ")[1].split(",")[0])
+    resumed_at = resumed_epoch(final.jobs["s1"].log)
     assert saved <= resumed_at < EPOCHS  # at least the checkpoint that existed at the kill
     assert st.read_status(run, "s1")["attempts"] == 2
-    assert (checkpoints / "final.pt").is_file()
+    assert (run / "stages" / "s1" / "checkpoints" / "final.pt").is_file()
 
 
 def test_a_job_slurm_requeues_after_losing_a_node_stays_queued_and_resumes(
@@ -171,13 +181,7 @@ def test_a_job_slurm_requeues_after_losing_a_node_stays_queued_and_resumes(
         evaluations={"e1": {"stage": "s1", "task_sets": ["1"]}},
     )
     run = tmp_path / "run"
-    job_id = submit_chain(load_chain(str(path)), run, "slurm").jobs["s1"].job_id
-    checkpoints = run / "stages" / "s1" / "checkpoints"
-    deadline = time.monotonic() + CHAIN_TIMEOUT_S
-    while not list(checkpoints.glob("epoch_*.pt")):
-        assert time.monotonic() < deadline, "no checkpoint written"
-        time.sleep(0.2)
-    saved = max(int(p.stem.split("_")[1]) for p in checkpoints.glob("epoch_*.pt"))
+    job_id, saved = submit_until_checkpoint(path, run)
     assert kill_node("cilnode2")
     killed_at = time.monotonic()
     while sacct_states([job_id]).get(job_id) not in ("PENDING", "REQUEUED"):
@@ -195,7 +199,6 @@ def test_a_job_slurm_requeues_after_losing_a_node_stays_queued_and_resumes(
         "e1": st.COMPLETED,
     }, final.jobs
     assert final.jobs["s1"].job_id == job_id  # SLURM's requeue, not a resubmission
-    log = Path(final.jobs["s1"].log).read_text().split("attempt 2")[-1]
-    resumed_at = int(log.split("resumed from")[1].split("at epoch ")[1].split(",")[0])
+    resumed_at = resumed_epoch(final.jobs["s1"].log)
     assert saved <= resumed_at < EPOCHS
     assert st.read_status(run, "s1")["attempts"] == 2
