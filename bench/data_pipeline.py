@@ -23,7 +23,7 @@ shard pipeline's samples/s per core and the cache's samples/s (built from that t
 with their ratios to local.
 
     python bench/data_pipeline.py [--frames-per-city 6] [--samples-per-shard 4] [--workers 2]
-                                  [--epochs 6]
+                                  [--epochs 6] [--cache-epochs 24]
                                   [--transports local,http,s3,s3+30ms]
 """
 
@@ -204,6 +204,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument(
+        "--cache-epochs",
+        type=int,
+        default=24,
+        help="epochs of the cache row (4x --epochs: it runs ~10x faster, so this gives it a few "
+        "seconds of timed CPU; 120 samples varied 2x from run to run)",
+    )
+    parser.add_argument(
         "--transports",
         default="",
         help="comma list of local,http,s3,s3+<N>ms (S3 with N ms added per request): a row each",
@@ -242,13 +249,13 @@ def main() -> None:
         shard_rate, _, shard_n, shard_shape = throughput(shard_loader, args.epochs)
         shard_loader.close()
         cached, build = cached_loader(cfg.manifest, "", f"{tmp}/cache", args, lut)
-        cache_rate, cache_per_cpu, cache_n, cache_shape = throughput(cached, args.epochs)
+        cache_rate, cache_per_cpu, cache_n, cache_shape = throughput(cached, args.cache_epochs)
         rows = transport_rows(args, out, root, protocol, lut, tmp)
     assert folder_shape == shard_shape == cache_shape, (folder_shape, shard_shape, cache_shape)
     print(f"frames: {len(folder)} (task 1 cities), source 2048x1024 PNG, shards 1024x512 PNG")
     print(
         f"workers: {args.workers}, batch {args.batch_size}, output {shard_shape}, "
-        f"epochs 2..{args.epochs} timed"
+        f"epochs 2..{args.epochs} timed (cache: 2..{args.cache_epochs})"
     )
     print(
         f"folder loader (reference style): {folder_rate / cores:7.2f} samples/s/core "

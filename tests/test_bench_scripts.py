@@ -51,7 +51,16 @@ def test_gpu_check_measures_every_row_on_the_cpu_when_allowed():
 
 @pytest.mark.slow
 def test_data_pipeline_benchmark_measures_folder_shards_and_cache_over_transports():
-    args = ["--frames-per-city", "1", "--samples-per-shard", "1", "--epochs", "2"]
+    args = [
+        "--frames-per-city",
+        "1",
+        "--samples-per-shard",
+        "1",
+        "--epochs",
+        "2",
+        "--cache-epochs",
+        "3",
+    ]
     result = run(*args, "--batch-size", "2", "--transports", "local", script="data_pipeline.py")
     assert result.returncode == 0, result.stderr
     for row in (
