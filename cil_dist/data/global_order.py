@@ -28,6 +28,14 @@ def augment_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed("augment", seed, epoch, step) % 2**63)
 
 
+def rank_part(global_batch: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s positions in a global batch of ``global_batch`` samples."""
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} does not divide by {world_size}")
+    per_rank = global_batch // world_size
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
 @dataclass(frozen=True)
 class GlobalOrder:
     """Global batches of ``global_batch`` samples out of ``samples``; rank slices of them."""
@@ -49,7 +57,4 @@ class GlobalOrder:
 
     def rank_slice(self, rank: int, world_size: int) -> slice:
         """Rank ``rank``'s part of every global batch."""
-        if self.global_batch % world_size:
-            raise ValueError(f"global batch {self.global_batch} does not divide by {world_size}")
-        per_rank = self.global_batch // world_size
-        return slice(rank * per_rank, (rank + 1) * per_rank)
+        return rank_part(self.global_batch, rank, world_size)

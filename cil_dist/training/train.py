@@ -22,6 +22,7 @@ from tqdm import tqdm
 from cil_dist.accel import require_apex
 from cil_dist.config import ConfigError, TrainConfig
 from cil_dist.data.cached_loader import CachedLoader, build_cached_loader
+from cil_dist.data.global_order import rank_part
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_train_loader
 from cil_dist.data.shardlist import derive_seed
 from cil_dist.distributed import DistEnv, all_reduce_sum, barrier, process_group
@@ -96,10 +97,10 @@ def train_step(parts: Components, cfg: TrainConfig, batch: dict, env: DistEnv) -
     parts.optimizer.zero_grad(set_to_none=True)
     # dropout masks of the whole global batch from one seed per (seed, epoch, step), this rank
     # keeping its slice: the same masks per sample at any world size and after any resume
-    rank_batch = images.shape[0]
-    state = parts.state
-    seed = derive_seed("dropout", cfg.seed, state.epoch, state.epoch_step)
-    set_dropout_draws(parts.bare_student, seed, rank_batch * env.world_size, env.rank * rank_batch)
+    global_batch = images.shape[0] * env.world_size
+    part = rank_part(global_batch, env.rank, env.world_size)
+    seed = derive_seed("dropout", cfg.seed, parts.state.epoch, parts.state.epoch_step)
+    set_dropout_draws(parts.bare_student, seed, global_batch, part.start)
     teacher_logits = (
         teacher_forward(parts.teacher, images, parts.precision) if parts.teacher else None
     )
