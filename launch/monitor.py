@@ -14,6 +14,7 @@ from pathlib import Path
 
 from launch import procs
 from launch import state as st
+from launch.slurm_states import slurm_states
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +36,6 @@ def record_failure(chain_state: st.ChainState, record: st.JobRecord, status: dic
     several = int(cause.get("world_size", 1)) > 1
     record.error = f"rank {cause['rank']}: {cause['error']}" if several else cause["error"]
     record.log = cause.get("log") or record.log
-
-
-def sacct_states(job_ids: list[str]) -> dict[str, str]:
-    """Current SLURM state of each job id (fresh from sacct, no caching)."""
-    if not job_ids:
-        return {}
-    done = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    states = {}
-    for line in done.stdout.splitlines():
-        job_id, _, slurm_state = line.partition("|")
-        states[job_id.strip()] = slurm_state.split()[0] if slurm_state else "UNKNOWN"
-    return states
 
 
 def pid_alive(pid: str) -> bool:
@@ -85,7 +69,7 @@ def job_alive(chain_state: st.ChainState, record: st.JobRecord) -> bool:
 def refresh(chain_state: st.ChainState) -> st.ChainState:
     """Merge what the jobs reported with what the scheduler says; save and return it."""
     slurm = (
-        sacct_states([r.job_id for r in chain_state.jobs.values() if r.job_id])
+        slurm_states([r.job_id for r in chain_state.jobs.values() if r.job_id])
         if chain_state.executor == "slurm"
         else {}
     )
@@ -102,6 +86,8 @@ def refresh(chain_state: st.ChainState) -> st.ChainState:
             record.state, record.error = (st.RUNNING if ending else st.COMPLETED), ""
             continue
         if chain_state.executor == "slurm":
+            if record.job_id not in slurm:  # squeue/sacct did not answer: undecided
+                continue
             merged = st.SLURM_STATES.get(raw, record.state)
             # SLURM's word while it still holds the job: a job requeued after its attempt
             # failed (a lost node: NODE_FAIL, then PENDING under the same id) runs again, so its

@@ -164,6 +164,8 @@ def job_started(run_dir: Path | str, name: str, job_id: str, world_size: int = 1
         pid=os.getpid(),
         started=now(),
         error="",
+        traceback="",  # a failed attempt's, not this one's
+        finished="",
     )
     return attempt
 

@@ -21,7 +21,8 @@ from launch import state as st
 from launch.chain import load_chain
 from launch.cli import main as launch_main
 from launch.executors import submitit_folder
-from launch.monitor import sacct_states, wait_for_chain
+from launch.monitor import wait_for_chain
+from launch.slurm_states import sacct_states
 from launch.submit import submit_chain
 from launch.validate import ChainError
 from tests.chains import cluster, cluster_running, corrupt_copy, final_weights, write_chain
