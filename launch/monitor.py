@@ -81,7 +81,7 @@ def refresh(chain_state: st.ChainState) -> st.ChainState:
         raw = slurm.get(record.job_id, "UNKNOWN")
         if status.get("state") == st.COMPLETED:
             # The job reported its outputs; on SLURM it is final once the allocation has ended
-            # too (teardown still runs), so `sacct` and the chain never disagree.
+            # too (teardown still runs), so SLURM and the chain never disagree.
             ending = st.SLURM_STATES.get(raw) in (st.RUNNING, st.PENDING)
             record.state, record.error = (st.RUNNING if ending else st.COMPLETED), ""
             continue
