@@ -28,7 +28,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt | system-deps
 demo: setup
 	$(BIN)/python scripts/demo.py --out $(DEMO)
 
-# The converged reproduction on the synthetic Cityscapes (67 minutes on 2 Xeon cores; README).
+# The reproduction on the synthetic Cityscapes (README: 96 minutes on 2 AVX2-only cores in fp32,
+# about 55 projected on 2 AVX512-BF16 cores).
 # REPRODUCE_SET adds chain overrides, e.g. "stages.cil_stage3.epochs=120".
 REPRODUCE_SET ?=
 reproduce: setup
