@@ -221,3 +221,18 @@ def test_status_names_a_hung_rank_by_the_collective_timeout_line(tmp_path, manif
         "rank 0: CollectiveTimeout: rank 0: another rank did not answer within dist.timeout_s = 5 s"
     ), record.error
     assert "\n" not in record.error
+
+
+def test_a_restarted_attempt_drops_the_failed_attempts_traceback_and_end(tmp_path):
+    """A requeued job's status shows the running attempt, not the lost one's error."""
+    st.job_started(tmp_path, "s1", "7")
+    st.job_failed(tmp_path, "s1", RuntimeError("peer lost"))
+    assert st.read_status(tmp_path, "s1")["traceback"]
+    assert st.job_started(tmp_path, "s1", "7") == 2
+    status = st.read_status(tmp_path, "s1")
+    assert (status["state"], status["error"], status["traceback"], status["finished"]) == (
+        st.RUNNING,
+        "",
+        "",
+        "",
+    )
