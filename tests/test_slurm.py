@@ -8,8 +8,10 @@ running, in which case it is left alone.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from launch import state as st
 from launch.chain import load_chain
 from launch.cli import main as launch_main
 from launch.executors import submitit_folder
-from launch.monitor import wait_for_chain
+from launch.monitor import refresh, wait_for_chain
 from launch.slurm_states import sacct_states
 from launch.submit import submit_chain
 from launch.validate import ChainError
@@ -175,6 +177,62 @@ def test_cancel_stops_every_queued_and_running_job(slurm, tmp_path, manifest_pat
         assert time.monotonic() < deadline, sacct_states(ids)
         time.sleep(0.5)
     assert {r.state for r in st.ChainState.load(run).jobs.values()} == {"CANCELLED"}
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def unreachable_conf(conf: str, folder: Path, *, controller: bool, database: bool) -> str:
+    """A copy of the cluster's slurm.conf whose slurmctld and/or slurmdbd port is a closed one:
+    squeue (the controller) and/or sacct (the accounting database) cannot reach their daemon."""
+    lines = []
+    for line in Path(conf).read_text().splitlines():
+        key = line.partition("=")[0]
+        if (key == "SlurmctldPort" and controller) or (key == "AccountingStoragePort" and database):
+            line = f"{key}={closed_port()}"
+        lines.append(line)
+    path = folder / f"slurm-{int(controller)}{int(database)}.conf"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_refresh_keeps_the_chain_when_slurm_does_not_answer(
+    slurm, tmp_path, manifest_path, monkeypatch, caplog
+):
+    # a controller or database that does not answer (restart, overload) decides nothing: the
+    # jobs keep their states and dependents stay queued; with the controller alone down, the
+    # accounting database's word is used
+    stages = {key: THREE_STAGES[key] for key in ("s1", "s2")}
+    path = write_chain(tmp_path, manifest_path, stages, epochs=500)
+    run = tmp_path / "run"
+    ids = [r.job_id for r in submit_chain(load_chain(str(path)), run, "slurm").jobs.values()]
+    deadline = time.monotonic() + CHAIN_TIMEOUT_S
+    while refresh(st.ChainState.load(run)).jobs["s1"].state != st.RUNNING:
+        assert time.monotonic() < deadline, "s1 never started"
+        time.sleep(0.5)
+    try:
+        expected = {"s1": st.RUNNING, "s2": st.PENDING}
+        for controller, database in ((True, True), (True, False)):
+            monkeypatch.setenv(
+                "SLURM_CONF",
+                unreachable_conf(slurm, tmp_path, controller=controller, database=database),
+            )
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="launch.slurm_states"):
+                jobs = refresh(st.ChainState.load(run)).jobs
+            assert {name: r.state for name, r in jobs.items()} == expected, (controller, database)
+            assert not any(r.error for r in jobs.values())
+            warned = caplog.text
+            assert "squeue" in warned and ("sacct" in warned) == database, warned
+        monkeypatch.setenv("SLURM_CONF", slurm)
+        assert sacct_states(ids) == {ids[0]: "RUNNING", ids[1]: "PENDING"}  # nothing cancelled
+    finally:
+        monkeypatch.setenv("SLURM_CONF", slurm)
+        launch_main(["cancel", str(run)])
 
 
 def test_sweep_submits_the_shared_stage_once_within_max_jobs(slurm, tmp_path, manifest_path):
