@@ -178,6 +178,18 @@ def test_losing_a_node_ends_the_job_and_resubmission_resumes(slurm_conf, tmp_pat
     assert (run / "stages" / "s1" / "checkpoints" / "final.pt").is_file()
 
 
+@contextlib.contextmanager
+def epilog_delay(node: str, seconds: float):
+    """The cluster's epilog holds ``node``'s ended jobs ``seconds`` in COMPLETING meanwhile."""
+    assert "Epilog=" in Path(CONF).read_text(), f"{CONF} predates the epilog: restart the cluster"
+    marker = Path(CONF).parent / "epilog_delay" / node
+    marker.write_text(f"{seconds}\n")
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
+
+
 def test_a_job_slurm_requeues_after_losing_a_node_stays_queued_and_resumes(
     slurm_conf, tmp_path, manifest_path
 ):
@@ -193,16 +205,18 @@ def test_a_job_slurm_requeues_after_losing_a_node_stays_queued_and_resumes(
     )
     run = tmp_path / "run"
     job_id, saved = submit_until_checkpoint(path, run)
-    assert kill_node("cilnode2")
-    killed_at = time.monotonic()
-    # the accounting database shows NODE_FAIL for a moment before PENDING: refreshing all the
-    # while, the chain never takes that moment for the job's end (nor cancels its dependent)
+    # the accounting database shows NODE_FAIL before PENDING, while the controller still holds
+    # the job (COMPLETING on cilnode1); the epilog widens that moment from milliseconds to 3 s.
+    # Refreshing all the while, the chain never takes it for the job's end (nor cancels e1)
     seen = set()
-    while sacct_states([job_id]).get(job_id) not in ("PENDING", "REQUEUED"):
-        assert time.monotonic() - killed_at < 60, slurm_history(job_id)
-        jobs = refresh(st.ChainState.load(run)).jobs
-        seen.add((jobs["s1"].state, jobs["e1"].state))
-        time.sleep(0.05)
+    with epilog_delay("cilnode1", 3):
+        assert kill_node("cilnode2")
+        killed_at = time.monotonic()
+        while sacct_states([job_id]).get(job_id) not in ("PENDING", "REQUEUED"):
+            assert time.monotonic() - killed_at < 60, slurm_history(job_id)
+            jobs = refresh(st.ChainState.load(run)).jobs
+            seen.add((jobs["s1"].state, jobs["e1"].state))
+            time.sleep(0.05)
     logger.info("job %s requeued %.1f s after the kill", job_id, time.monotonic() - killed_at)
     queued = {(st.RUNNING, st.PENDING), (st.PENDING, st.PENDING)}
     assert seen <= queued, (seen, slurm_history(job_id))

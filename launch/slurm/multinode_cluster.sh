@@ -76,6 +76,18 @@ write_configs() {
     install -d "$STATE/slurmd/${NODES[$i]}"
     nodes+="NodeName=${NODES[$i]} NodeAddr=${ADDRS[$i]} CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN"$'\n'
   done
+  # Epilog: a node named in $STATE/etc/epilog_delay/ (a file holding seconds, written by a test)
+  # keeps its ended jobs that long in COMPLETING. tests/test_multinode_slurm.py uses it to widen
+  # the window in which the accounting database already shows a requeued job's NODE_FAIL while
+  # the controller still holds the job; without a file the epilog returns at once.
+  install -d "$STATE/etc/epilog_delay"
+  cat >"$STATE/etc/epilog.sh" <<EPILOG
+#!/bin/sh
+delay=$STATE/etc/epilog_delay/\$SLURMD_NODENAME
+[ -f "\$delay" ] && sleep "\$(cat "\$delay")"
+exit 0
+EPILOG
+  chmod +x "$STATE/etc/epilog.sh"
   cat >"$CONF" <<CONF
 ClusterName=cilmn
 SlurmctldHost=$NODE($HOST_ADDR)
@@ -93,6 +105,7 @@ SlurmdLogFile=$STATE/log/slurmd-%n.log
 $(scheduler_and_accounting_conf)
 SlurmdTimeout=10
 KillOnBadExit=1
+Epilog=$STATE/etc/epilog.sh
 ${nodes}PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP
 CONF
   write_dbd_configs
