@@ -25,8 +25,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt | system-deps
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,s3,gcs,fast]'
 	touch $(STAMP)
 
+# One rank per job, two jobs at once. DEMO_SET adds chain overrides; the demo with DDP on 2
+# ranks per job: make demo DEMO_SET="resources.tasks_per_node=2" DEMO_PARALLEL=1
+DEMO_SET ?=
+DEMO_PARALLEL ?= 2
 demo: setup
-	$(BIN)/python scripts/demo.py --out $(DEMO)
+	$(BIN)/python scripts/demo.py --out $(DEMO) --max-parallel $(DEMO_PARALLEL) $(if $(DEMO_SET),--set $(DEMO_SET))
 
 # The reproduction on the synthetic Cityscapes (README: 96 minutes on 2 AVX2-only cores in fp32,
 # about 55 projected on 2 AVX512-BF16 cores).

@@ -8,8 +8,9 @@ held-out city → evaluate every model on the val split for its task sets → pr
 paper-shaped table, the ratio CIL / joint, the curves (PNG) and a picture of predictions.
 
 The chain (``--chain``: ``demo_synthetic``, the few-minute demo, or ``reproduce_synthetic``, the
-converged run) is run by submitit's local executor, 2 ranks (gloo, CPU) per stage — exactly
-what ``cil-launch submit CHAIN --executor local`` does.
+converged run) is run by submitit's local executor, as the chain's resources say (one rank per
+job; ``--max-parallel`` jobs at once) — exactly what ``cil-launch submit CHAIN --executor local``
+does.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def read_back(manifest_url: str) -> dict[str, int]:
 def run_chain(
     out: Path, chain_name: str, overrides: list[str], max_parallel: int
 ) -> dict[str, Path]:
-    """The chain (stages 1 → 2 → 3 with cil and finetune, joint, evaluations), 2 ranks per
-    stage on submitit's local executor; returns the run folder's final checkpoints."""
+    """The chain (stages 1 → 2 → 3 with cil and finetune, joint, evaluations) on submitit's
+    local executor, ``max_parallel`` jobs at once; returns the run folder's final checkpoints."""
     from launch.chain import load_chain
     from launch.report import write_report
     from launch.submit import submit_chain
