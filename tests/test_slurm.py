@@ -136,7 +136,22 @@ def test_failing_stage_cancels_dependents_and_status_reports_it(
     broken = corrupt_copy(shard_dir, manifest_path, tmp_path / "shards", "task2/")
     path = write_chain(tmp_path, broken, THREE_STAGES, evaluations={"e3": {"stage": "s3"}})
     run = tmp_path / "run"
-    submit_chain(load_chain(str(path)), run, "slurm")
+    s2 = submit_chain(load_chain(str(path)), run, "slurm").jobs["s2"].job_id
+    deadline = time.monotonic() + CHAIN_TIMEOUT_S
+    while sacct_states([s2]).get(s2) != "FAILED":
+        assert time.monotonic() < deadline, sacct_states([s2])
+        time.sleep(1)
+    # s2 reported its failure, but SLURM does not answer: the chain's verdict waits for SLURM's
+    # word (a job that failed may be requeued), so nothing is failed or cancelled yet
+    os.environ["SLURM_CONF"] = unreachable_conf(slurm, tmp_path, controller=True, database=True)
+    try:
+        undecided = refresh(st.ChainState.load(run)).jobs
+    finally:
+        os.environ["SLURM_CONF"] = slurm
+    assert st.read_status(run, "s2")["state"] == st.FAILED
+    assert {n: undecided[n].state for n in ("s2", "s3", "e3")} == {
+        n: st.PENDING for n in ("s2", "s3", "e3")
+    }
     final = wait_for_chain(run, poll_s=2, timeout_s=CHAIN_TIMEOUT_S)
     states = {n: r.state for n, r in final.jobs.items()}
     assert states == {"s1": "COMPLETED", "s2": "FAILED", "s3": "CANCELLED", "e3": "CANCELLED"}
