@@ -131,7 +131,7 @@ def test_preempted_job_requeues_resumes_mid_epoch_and_matches_uninterrupted(
 
 
 def test_failing_stage_cancels_dependents_and_status_reports_it(
-    slurm, tmp_path, shard_dir: Path, manifest_path
+    slurm, tmp_path, shard_dir: Path, manifest_path, monkeypatch
 ):
     broken = corrupt_copy(shard_dir, manifest_path, tmp_path / "shards", "task2/")
     path = write_chain(tmp_path, broken, THREE_STAGES, evaluations={"e3": {"stage": "s3"}})
@@ -143,11 +143,11 @@ def test_failing_stage_cancels_dependents_and_status_reports_it(
         time.sleep(1)
     # s2 reported its failure, but SLURM does not answer: the chain's verdict waits for SLURM's
     # word (a job that failed may be requeued), so nothing is failed or cancelled yet
-    os.environ["SLURM_CONF"] = unreachable_conf(slurm, tmp_path, controller=True, database=True)
-    try:
+    with monkeypatch.context() as patch:
+        patch.setenv(
+            "SLURM_CONF", unreachable_conf(slurm, tmp_path, controller=True, database=True)
+        )
         undecided = refresh(st.ChainState.load(run)).jobs
-    finally:
-        os.environ["SLURM_CONF"] = slurm
     assert st.read_status(run, "s2")["state"] == st.FAILED
     assert {n: undecided[n].state for n in ("s2", "s3", "e3")} == {
         n: st.PENDING for n in ("s2", "s3", "e3")
