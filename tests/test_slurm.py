@@ -67,6 +67,14 @@ def job_times(job_id: str) -> tuple[str, str]:
     return start, end
 
 
+def wait_for_sacct(job_id: str, state: str) -> None:
+    """Until the accounting database records ``job_id`` in ``state`` (within the chain timeout)."""
+    deadline = time.monotonic() + CHAIN_TIMEOUT_S
+    while sacct_states([job_id]).get(job_id) != state:
+        assert time.monotonic() < deadline, (job_id, state, sacct_states([job_id]))
+        time.sleep(0.5)
+
+
 def test_three_stage_chain_runs_in_dependency_order_with_teachers(slurm, tmp_path, manifest_path):
     path = write_chain(
         tmp_path,
@@ -137,10 +145,7 @@ def test_failing_stage_cancels_dependents_and_status_reports_it(
     path = write_chain(tmp_path, broken, THREE_STAGES, evaluations={"e3": {"stage": "s3"}})
     run = tmp_path / "run"
     s2 = submit_chain(load_chain(str(path)), run, "slurm").jobs["s2"].job_id
-    deadline = time.monotonic() + CHAIN_TIMEOUT_S
-    while sacct_states([s2]).get(s2) != "FAILED":
-        assert time.monotonic() < deadline, sacct_states([s2])
-        time.sleep(1)
+    wait_for_sacct(s2, "FAILED")
     # s2 reported its failure, but SLURM does not answer: the chain's verdict waits for SLURM's
     # word (a job that failed may be requeued), so nothing is failed or cancelled yet
     with monkeypatch.context() as patch:
@@ -183,11 +188,9 @@ def test_cancel_stops_every_queued_and_running_job(slurm, tmp_path, manifest_pat
     run = tmp_path / "run"
     submitted = submit_chain(load_chain(str(path)), run, "slurm")
     ids = [submitted.jobs[name].job_id for name in ("s1", "s2")]
-    deadline = time.monotonic() + CHAIN_TIMEOUT_S
-    while sacct_states(ids[:1]).get(ids[0]) != "RUNNING":
-        assert time.monotonic() < deadline, "s1 never started"
-        time.sleep(0.5)
+    wait_for_sacct(ids[0], "RUNNING")
     assert launch_main(["cancel", str(run)]) == 0
+    deadline = time.monotonic() + CHAIN_TIMEOUT_S
     while set(sacct_states(ids).values()) != {"CANCELLED"}:
         assert time.monotonic() < deadline, sacct_states(ids)
         time.sleep(0.5)
@@ -225,28 +228,27 @@ def test_refresh_keeps_the_chain_when_slurm_does_not_answer(
     path = write_chain(tmp_path, manifest_path, stages, epochs=500)
     run = tmp_path / "run"
     ids = [r.job_id for r in submit_chain(load_chain(str(path)), run, "slurm").jobs.values()]
-    deadline = time.monotonic() + CHAIN_TIMEOUT_S
-    while refresh(st.ChainState.load(run)).jobs["s1"].state != st.RUNNING:
-        assert time.monotonic() < deadline, "s1 never started"
-        time.sleep(0.5)
+    wait_for_sacct(ids[0], "RUNNING")
+    expected = {"s1": st.RUNNING, "s2": st.PENDING}
     try:
-        expected = {"s1": st.RUNNING, "s2": st.PENDING}
+        assert {n: r.state for n, r in refresh(st.ChainState.load(run)).jobs.items()} == expected
         for controller, database in ((True, True), (True, False)):
-            monkeypatch.setenv(
-                "SLURM_CONF",
-                unreachable_conf(slurm, tmp_path, controller=controller, database=database),
-            )
             caplog.clear()
-            with caplog.at_level(logging.WARNING, logger="launch.slurm_states"):
+            with (
+                monkeypatch.context() as patch,
+                caplog.at_level(logging.WARNING, "launch.slurm_states"),
+            ):
+                patch.setenv(
+                    "SLURM_CONF",
+                    unreachable_conf(slurm, tmp_path, controller=controller, database=database),
+                )
                 jobs = refresh(st.ChainState.load(run)).jobs
             assert {name: r.state for name, r in jobs.items()} == expected, (controller, database)
             assert not any(r.error for r in jobs.values())
             warned = caplog.text
             assert "squeue" in warned and ("sacct" in warned) == database, warned
-        monkeypatch.setenv("SLURM_CONF", slurm)
         assert sacct_states(ids) == {ids[0]: "RUNNING", ids[1]: "PENDING"}  # nothing cancelled
     finally:
-        monkeypatch.setenv("SLURM_CONF", slurm)
         launch_main(["cancel", str(run)])
 
 
