@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 # pytest-xdist workers of make test (tests/conftest.py keeps all SLURM tests on one of them)
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= out/demo

@@ -8,6 +8,10 @@ from pathlib import Path
 # OpenMP threads that spin at barriers slow a CPU step tenfold when another process shares the
 # cores (the other rank, a job on the test cluster): let idle threads sleep instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Three workers and the ranks and jobs they start share 2 cores: a second intra-op thread per
+# process only adds synchronisation (tests/test_train.py alone: 14 % less CPU with one thread).
+# Chain jobs still set their own (resources.cpus_per_task), as on a cluster.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

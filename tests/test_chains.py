@@ -289,8 +289,9 @@ def test_local_cancel_stops_the_driver_and_its_jobs(tmp_path, manifest_path):
 
 
 def test_debug_executor_runs_the_chain_in_this_process(tmp_path, manifest_path, monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored (unset) afterwards
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored afterwards
     threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the job's 1 to begin with (tests/conftest.py sets 1)
     path = write_chain(
         tmp_path,
         manifest_path,

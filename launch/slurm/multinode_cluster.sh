@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real 2-node SLURM cluster on one machine: each compute node is a slurmd in its own network
+# A real 3-node SLURM cluster on one machine: each compute node is a slurmd in its own network
 # namespace (own address, veth pair to a bridge on the host) and UTS namespace (own hostname).
 #
 #   launch/slurm/multinode_cluster.sh start   # network, daemons; restarts a node that died
@@ -7,8 +7,9 @@
 #   launch/slurm/multinode_cluster.sh stop    # stop what it started, remove namespaces/bridge
 #
 # The host keeps munged (shared), mariadbd, slurmdbd and slurmctld; slurmctld listens on the
-# bridge address 198.18.0.1. Nodes cilnode1/cilnode2 are 198.18.0.11/.12 (RFC 2544 benchmarking
-# range, /etc/hosts entries for the host and the nodes alike). The namespaces have no route
+# bridge address 198.18.0.1. Nodes cilnode1..3 are 198.18.0.11..13 (RFC 2544 benchmarking
+# range, /etc/hosts entries for the host and the nodes alike). Two-node jobs leave a spare node:
+# a job SLURM requeues after losing a node runs on at once, as on a real cluster. The namespaces have no route
 # beyond the bridge: traffic flows only between the nodes and the host. State, logs, spool and
 # pid files (per node, %n) live in $CIL_SLURM_MN_DIR (default /tmp/cil-slurm-mn); ports from
 # $CIL_SLURM_MN_PORT_BASE (default 16837): it runs beside local_cluster.sh's cluster.
@@ -26,8 +27,8 @@ CPUS=${CIL_SLURM_MN_CPUS:-4}                     # per node
 MEM_MB=${CIL_SLURM_MN_MEM_MB:-8000}
 BRIDGE=cilmnbr0
 HOST_ADDR=198.18.0.1
-NODES=(cilnode1 cilnode2)
-ADDRS=(198.18.0.11 198.18.0.12)
+NODES=(cilnode1 cilnode2 cilnode3)
+ADDRS=(198.18.0.11 198.18.0.12 198.18.0.13)
 HOSTS_MARK="# cil-slurm-multinode"
 
 log() { echo "[multinode-cluster] $*" >&2; }
@@ -111,6 +112,11 @@ CONF
   write_dbd_configs
 }
 
+conf_has_all_nodes() {  # a cluster started by an older copy of this script lacks some
+  local node
+  for node in "${NODES[@]}"; do grep -q "^NodeName=$node " "$CONF" || return 1; done
+}
+
 node_alive() { [ -f "$STATE/slurmd-$1.pid" ] && kill -0 "$(cat "$STATE/slurmd-$1.pid")" 2>/dev/null; }
 
 start_node() {  # slurmd in the node's network namespace, with its hostname (UTS namespace)
@@ -131,7 +137,7 @@ wait_nodes_up() {  # responding (a node finishing a job is up too), not down or 
 
 start() {
   export SLURM_CONF="$CONF"
-  if [ -f "$STATE/started" ] && scontrol ping >/dev/null 2>&1; then
+  if [ -f "$STATE/started" ] && scontrol ping >/dev/null 2>&1 && conf_has_all_nodes; then
     network_up
     local node
     for node in "${NODES[@]}"; do
