@@ -43,7 +43,9 @@ def runs(learning_manifest, tmp_path_factory) -> dict[str, Path]:
 
     def train(name: str, stage: int, method: str, epochs: int, teacher: Path | None = None):
         cfg = tiny_train_config(learning_manifest, out, name=name, stage=stage, method=method)
-        cfg.data.augment.crop, cfg.data.batch_size, cfg.data.num_workers = [128, 64], 8, 1
+        # random 96x48 crops of the 128x64 frames (the paper's augmentation crops too); val is
+        # scored on whole frames. 25 % less CPU than whole-frame training (218 -> 163 s, seed 0)
+        cfg.data.augment.crop, cfg.data.batch_size, cfg.data.num_workers = [96, 48], 8, 1
         cfg.optim.epochs, cfg.optim.lr, cfg.precision.dtype = epochs, 2e-3, "auto"
         cfg.checkpoint.every_epochs, cfg.eval.after_training = 0, True
         cfg.teacher.checkpoint = str(teacher or "")
@@ -64,11 +66,12 @@ def miou(checkpoint: Path, task_set: str) -> float:
 
 @pytest.mark.slow
 def test_learning_happens_and_cil_keeps_old_classes(runs):
-    assert miou(runs["stage1"], "1") > 0.45  # 5 classes: chance is far below
+    # task-1 mIoU over training seeds 0-3 (seed 0 here, 2026-12-07): stage 1 0.60/0.56/0.45/0.38;
+    # after stage 2, CIL 0.39/0.37/0.36/0.34 and fine-tuning 0.14/0.15/0.12/0.13. The bars hold
+    # for every one of them
+    assert miou(runs["stage1"], "1") > 0.3  # 5 classes: chance is far below
     cil, finetune = miou(runs["cil"], "1"), miou(runs["finetune"], "1")
-    # task-1 mIoU after stage 2 over seeds 0-3 (seed 0 here): CIL 0.30/0.32/0.44/0.28,
-    # fine-tuning 0.17/0.20/0.10/0.12; the bars hold for every one of them
-    assert cil > finetune + 0.1 and cil > 1.5 * finetune, (cil, finetune)
+    assert cil > finetune + 0.15 and cil > 2 * finetune, (cil, finetune)
 
 
 def _eval_worker(rank: int, checkpoint: Path, manifest: str, out: Path) -> None:
