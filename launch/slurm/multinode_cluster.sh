@@ -8,8 +8,8 @@
 #
 # The host keeps munged (shared), mariadbd, slurmdbd and slurmctld; slurmctld listens on the
 # bridge address 198.18.0.1. Nodes cilnode1..3 are 198.18.0.11..13 (RFC 2544 benchmarking
-# range, /etc/hosts entries for the host and the nodes alike). Two-node jobs leave a spare node:
-# a job SLURM requeues after losing a node runs on at once, as on a real cluster. The namespaces have no route
+# range, /etc/hosts entries for the host and the nodes alike). A 2-node job leaves a spare node,
+# where SLURM requeues it after losing one, as on a real cluster. The namespaces have no route
 # beyond the bridge: traffic flows only between the nodes and the host. State, logs, spool and
 # pid files (per node, %n) live in $CIL_SLURM_MN_DIR (default /tmp/cil-slurm-mn); ports from
 # $CIL_SLURM_MN_PORT_BASE (default 16837): it runs beside local_cluster.sh's cluster.
