@@ -19,12 +19,18 @@ from cil_dist.protocol import TaskProtocol
 
 TINY_SIZE = (128, 64)
 
-# `make test` runs the suite on pytest-xdist workers, one test file per worker at a time. Both
-# SLURM clusters (they share munged, the apt install and the job-id space of sacct) are one unit
-# of work, so one worker runs all their tests, one module after the other; the longest units go
-# first, so no worker is left with a long one at the end.
-SLURM_FILES = ("tests/test_multinode_slurm.py", "tests/test_slurm.py")
-LONGEST_FIRST = (*SLURM_FILES, "tests/test_end_to_end.py", "tests/test_chains.py")
+# `make test` runs the suite on pytest-xdist workers, one test file per worker at a time, the
+# longest files first, so that no worker is left with a long one at the end. The two SLURM files
+# start clusters of their own (launch/slurm/*.sh: separate daemons, ports and accounting
+# databases; the apt install and munged's start are locked host-wide), so they run side by side.
+LONGEST_FIRST = (
+    "tests/test_end_to_end.py",
+    "tests/test_slurm.py",
+    "tests/test_multinode_slurm.py",
+    "tests/test_chains.py",
+    "tests/test_driver_faults.py",
+    "tests/test_cli.py",
+)
 
 
 def file_of(nodeid: str) -> str:
@@ -35,13 +41,8 @@ def file_of(nodeid: str) -> str:
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadFileScheduling
 
-    class ClusterAwareScheduling(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            path = file_of(nodeid)
-            return "slurm clusters" if path in SLURM_FILES else path
-
     config.option.loadscopereorder = False  # the collection's order, set below
-    return ClusterAwareScheduling(config, log)
+    return LoadFileScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,7 @@
 #
 #   launch/slurm/local_cluster.sh start   # install what is missing, start the daemons
 #   launch/slurm/local_cluster.sh env     # print `export SLURM_CONF=...` for sbatch/sacct
-#   launch/slurm/local_cluster.sh stop    # stop only the daemons this script started
+#   launch/slurm/local_cluster.sh stop    # stop only the daemons this script started (not munged)
 #
 # Daemons (no systemd): munged, mariadbd (accounting database: submitit reads job states
 # through sacct), slurmdbd, slurmctld, slurmd. Everything lives in $CIL_SLURM_DIR
@@ -42,6 +42,12 @@ wait_for() {  # description, command...
   log "timed out waiting for $what"; return 1
 }
 
+# Both test clusters (this one and multinode_cluster.sh's) may start at once: the apt install and
+# munged's start are done under one host-wide lock, and munged, which they share, is left running.
+SETUP_LOCK=${CIL_SLURM_SETUP_LOCK:-/tmp/cil-slurm-setup.lock}
+lock_setup() { exec 9>"$SETUP_LOCK" && flock 9; }
+unlock_setup() { flock -u 9; }
+
 start_munge() {
   if [ -S /run/munge/munge.socket.2 ] && munge -n </dev/null | unmunge >/dev/null 2>&1; then
     log "munged already running; re-using it"; return
@@ -53,7 +59,6 @@ start_munge() {
   fi
   chown munge:munge /etc/munge/munge.key && chmod 0600 /etc/munge/munge.key
   runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/cil-munged.pid
-  started munged /run/munge/cil-munged.pid
   wait_for munged bash -c 'munge -n </dev/null | unmunge'
 }
 
@@ -156,11 +161,13 @@ start() {
   [ -f "$STATE/started" ] && stop
   rm -rf "$STATE" && mkdir -p "$STATE"
   : >"$STATE/started"
+  lock_setup
   install_missing
   resolve_node
   write_configs
   export SLURM_CONF="$CONF"
   start_munge
+  unlock_setup
   start_mariadb
   /usr/sbin/slurmdbd  # reads slurmdbd.conf beside $SLURM_CONF
   started slurmdbd "$STATE/slurmdbd.pid"

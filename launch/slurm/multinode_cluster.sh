@@ -149,13 +149,14 @@ start() {
   [ -f "$STATE/started" ] && stop
   rm -rf "$STATE" && mkdir -p "$STATE"
   : >"$STATE/started"
+  lock_setup
   install_missing
   command -v unshare >/dev/null && command -v ip >/dev/null ||
     { log "needs ip (iproute2) and unshare (util-linux)"; exit 2; }
   network_up
   write_configs
   start_munge
-  sed -i '/^munged /d' "$STATE/started"  # shared with local_cluster.sh's cluster: left running
+  unlock_setup
   start_mariadb
   /usr/sbin/slurmdbd
   started slurmdbd "$STATE/slurmdbd.pid"
