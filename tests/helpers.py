@@ -49,14 +49,12 @@ def tiny_train_config(manifest: str, out_dir: Path, name: str = "run", **stage) 
 RANK_PRELOAD = ["torch", "torch.distributed", "cil_dist.training.train"]
 
 
-def _spawned(
-    rank: int, world: int, port: int, fn: Callable, args: tuple, env: dict, cwd: str
-) -> None:
-    # a forkserver child starts with the server's environment and folder: take the caller's,
-    # as a spawned process would (monkeypatched credentials, endpoints, PATH)
+def _spawned(rank: int, world: int, port: int, fn: Callable, args: tuple, env: dict) -> None:
+    # a forkserver child starts with the server's environment (multiprocessing moves it to the
+    # caller's folder): take the caller's, as a spawned process would (monkeypatched
+    # credentials, endpoints, PATH)
     os.environ.clear()
     os.environ.update(env)
-    os.chdir(cwd)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -76,7 +74,7 @@ def run_ranks(fn: Callable, world: int, *args) -> None:
     mp.set_forkserver_preload(RANK_PRELOAD)
     mp.start_processes(
         _spawned,
-        args=(world, free_port(), fn, args, dict(os.environ), os.getcwd()),
+        args=(world, free_port(), fn, args, dict(os.environ)),
         nprocs=world,
         join=True,
         start_method="forkserver",
