@@ -16,7 +16,8 @@ def _record(rank: int, out: str) -> None:
 
 def test_ranks_see_the_callers_environment_and_folder(tmp_path, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir(), second.mkdir()
+    first.mkdir()
+    second.mkdir()
     run_ranks(_record, 2, str(first))  # the forkserver exists from here on
     monkeypatch.setenv("CIL_HELPER_PROBE", "set after the server started")
     monkeypatch.chdir(second)

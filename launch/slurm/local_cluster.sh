@@ -46,7 +46,7 @@ wait_for() {  # description, command...
 # munged's start are done under one host-wide lock, and munged, which they share, is left running.
 SETUP_LOCK=${CIL_SLURM_SETUP_LOCK:-/tmp/cil-slurm-setup.lock}
 lock_setup() { exec 9>"$SETUP_LOCK" && flock 9; }
-unlock_setup() { flock -u 9; }
+unlock_setup() { flock -u 9 && exec 9>&-; }  # daemons started later do not inherit it
 
 start_munge() {
   if [ -S /run/munge/munge.socket.2 ] && munge -n </dev/null | unmunge >/dev/null 2>&1; then
