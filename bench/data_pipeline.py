@@ -125,6 +125,16 @@ def cached_loader(manifest: str, endpoint: str, cache_dir: str, args, lut):
     return loader, time.perf_counter() - start
 
 
+def task1_protocol() -> TaskProtocol:
+    """The paper's task 1 (its cities and classes, the same labels as stage 1) and one val city:
+    only task 1's frames are read, so only those (and the one val frame a pack needs) are made."""
+    paper = TaskProtocol.load("cityscapes_cil").to_dict()
+    paper["tasks"] = paper["tasks"][:1]
+    paper["heldout"]["cities"], paper["val"]["cities"] = [], paper["val"]["cities"][:1]
+    paper["eval_task_sets"] = {"1": [1]}
+    return TaskProtocol.from_dict(paper, "bench/data_pipeline.py")
+
+
 @contextlib.contextmanager
 def transport_manifest(kind: str, out: Path, root: Path, protocol, per_shard: int) -> object:
     """The manifest URL of the same shards reached through ``kind`` (local, http, s3) and the
@@ -218,7 +228,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging(0)
     torch.set_num_threads(1)
-    protocol = TaskProtocol.load("cityscapes_cil")
+    protocol = task1_protocol()
     cities = list(protocol.task(1).cities)
     with tempfile.TemporaryDirectory() as tmp:
         root, out = Path(tmp) / "cityscapes", Path(tmp) / "shards"

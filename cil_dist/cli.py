@@ -16,7 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
-from cil_dist.config import ConfigError, load_train_config
+from cil_dist.config import ConfigError, TrainConfig, load_train_config
+from cil_dist.protocol import TaskProtocol
+from cil_dist.training.stage import plan_stage
 from cil_dist.urls import redact_url
 
 log = logging.getLogger("cil")
@@ -52,17 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cil_dist.data.pipeline import DATA_ERRORS
-    from cil_dist.distributed import CollectiveTimeout
     from cil_dist.logs import setup_logging
-    from cil_dist.training.checkpoint import CheckpointError
 
     setup_logging(0)
+    try:  # a config's own mistakes end here, before torch's seconds-long import
+        if args.command == "train":
+            cfg = load_train_config(args.config, args.set, label="--set")
+            check_before_building(cfg)
+    except ValueError as exc:  # ConfigError, ProtocolError
+        log.error("%s", redact_url(str(exc)))
+        return EXIT_USER
+    from cil_dist.data.pipeline import DATA_ERRORS
+    from cil_dist.distributed import CollectiveTimeout
+    from cil_dist.training.checkpoint import CheckpointError
+
     try:
         if args.command == "train":
             from cil_dist.training.train import run_training
 
-            run_training(load_train_config(args.config, args.set, label="--set"))
+            run_training(cfg)
         elif args.command == "eval":
             run_eval(args)
         else:
@@ -80,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", redact_url(str(exc)))
         return EXIT_TIMEOUT
     return 0
+
+
+def check_before_building(cfg: TrainConfig) -> None:
+    """The checks of a run that need neither torch nor a file (the settings, the stage's
+    method and teacher wiring); training repeats them, and checks the files, before it builds."""
+    cfg.validate()
+    plan_stage(cfg, TaskProtocol.load(cfg.stage.tasks))
 
 
 def metrics_tables(results: dict, label: str) -> str:

@@ -48,11 +48,11 @@ def runs(learning_manifest, tmp_path_factory) -> dict[str, Path]:
         cfg.teacher.checkpoint = str(teacher or "")
         return run_training(cfg)
 
-    stage1 = train("stage1", 1, "cil", 40)
+    stage1 = train("stage1", 1, "cil", 28)
     return {
         "stage1": stage1,
-        "cil": train("cil2", 2, "cil", 20, stage1),
-        "finetune": train("finetune2", 2, "finetune", 20, stage1),
+        "cil": train("cil2", 2, "cil", 14, stage1),
+        "finetune": train("finetune2", 2, "finetune", 14, stage1),
     }
 
 
@@ -63,12 +63,13 @@ def miou(checkpoint: Path, task_set: str) -> float:
 
 @pytest.mark.slow
 def test_learning_happens_and_cil_keeps_old_classes(runs):
-    # task-1 mIoU over training seeds 0-3 (seed 0 here, 2026-12-07): stage 1 0.60/0.56/0.45/0.38;
-    # after stage 2, CIL 0.39/0.37/0.36/0.34 and fine-tuning 0.14/0.15/0.12/0.13. The bars hold
-    # for every one of them
-    assert miou(runs["stage1"], "1") > 0.3  # 5 classes: chance is far below
+    # task-1 mIoU over training seeds 0-3 (seed 0 here; 28 and 14 epochs, 2026-12-07): stage 1
+    # 0.47/0.42/0.32/0.34; after stage 2, CIL 0.27/0.31/0.26/0.27 and fine-tuning
+    # 0.08/0.12/0.06/0.10. The bars hold for every one of them. CIL with its distillation term
+    # zeroed (seed 0) scored 0.14, the task-1 head's guess without ever seeing task 1: it fails
+    assert miou(runs["stage1"], "1") > 0.25  # an untrained task-1 head: about 0.14 (above)
     cil, finetune = miou(runs["cil"], "1"), miou(runs["finetune"], "1")
-    assert cil > finetune + 0.15 and cil > 2 * finetune, (cil, finetune)
+    assert cil > finetune + 0.1 and cil > 2 * finetune, (cil, finetune)
 
 
 def _eval_worker(rank: int, checkpoint: Path, manifest: str, out: Path) -> None:
