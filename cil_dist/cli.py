@@ -101,7 +101,7 @@ def check_before_building(cfg: TrainConfig) -> None:
 
 def metrics_tables(results: dict, label: str) -> str:
     """The paper-shaped mIoU row and the per-class IoU of one image's metrics (stdout)."""
-    from cil_dist.evaluation.metrics import format_class_table, format_paper_table
+    from cil_dist.evaluation.tables import format_class_table, format_paper_table
 
     row = {name: result["miou"] for name, result in results.items()}
     table = format_paper_table({label: row}, tuple(results))

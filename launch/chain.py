@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from cil_dist import urls
 from cil_dist.config import ConfigError, TrainConfig, load_train_config, merge
-from cil_dist.training import checkpoint as ckpt
+from cil_dist.training import run_folder
 
 
 @dataclass
@@ -157,7 +157,7 @@ def stage_train_config(
         "name": names.get(name, name),
         "out_dir": str(run_dir / "stages"),
         "stage": {"tasks": chain.tasks, "method": spec.method, "stage": spec.stage},
-        "teacher": {"checkpoint": str(ckpt.final_path(teacher_dir)) if spec.teacher else ""},
+        "teacher": {"checkpoint": str(run_folder.final_path(teacher_dir)) if spec.teacher else ""},
         "checkpoint": {"resume": "auto"},
         "eval": {"after_training": False},
     }
@@ -196,7 +196,7 @@ def expand(
             train=train,
             resources=resources_of(chain.resources, spec.resources, where=f"stages.{name}"),
             depends_on=[names.get(spec.teacher, spec.teacher)] if spec.teacher else [],
-            checkpoint=str(ckpt.final_path(stage_dir(run_dir, job))),
+            checkpoint=str(run_folder.final_path(stage_dir(run_dir, job))),
             out_dir=str(stage_dir(run_dir, job)),
         )
     for name, spec in chain.evaluations.items():

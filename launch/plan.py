@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cil_dist.training import checkpoint as ckpt
 from launch import state as st
 from launch.chain import JobSpec
 from launch.monitor import refresh
@@ -52,6 +51,8 @@ def output_verifies(job: JobSpec) -> str:
     if job.kind == "eval":
         metrics = Path(job.out_dir) / "metrics.json"
         return "" if metrics.is_file() else f"{metrics} missing"
+    from cil_dist.training import checkpoint as ckpt  # torch: only where a checkpoint is read
+
     try:
         info = ckpt.describe(job.checkpoint)
     except ckpt.CheckpointError as exc:

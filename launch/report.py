@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from cil_dist.evaluation.curves import plot_runs
-from cil_dist.evaluation.metrics import format_class_table, format_paper_table, task_set_title
+from cil_dist.evaluation.tables import format_class_table, format_paper_table, task_set_title
 from cil_dist.protocol import TaskProtocol
 from launch.chain import ChainConfig, eval_dir, stage_dir
 from launch.continual import write_continual

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 
 from cil_dist import storage, urls
 from cil_dist.config import ConfigError, TrainConfig, merge
-from cil_dist.training import checkpoint as ckpt
+from cil_dist.training import config_diff
 from launch import state as st
 from launch.chain import (
     ChainConfig,
@@ -236,8 +236,8 @@ def job_digest(train: TrainConfig, teacher_digest: str, data_digest: str) -> str
     teacher (a stage without one ignores the ``teacher`` section)."""
     keys = {
         key: value
-        for key, value in ckpt.flat_config(asdict(train)).items()
-        if not ckpt.is_free(key)
+        for key, value in config_diff.flat_config(asdict(train)).items()
+        if not config_diff.is_free(key)
         and key not in ("teacher.checkpoint", "data.manifest")
         and (teacher_digest or not key.startswith("teacher."))
     }

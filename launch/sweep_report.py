@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cil_dist.evaluation.metrics import format_paper_table, task_set_title
+from cil_dist.evaluation.tables import format_paper_table, task_set_title
 from cil_dist.protocol import TaskProtocol
 from launch.chain import ChainConfig
 from launch.report import write_report

@@ -38,6 +38,7 @@ from cil_dist.data.transforms import decode_pair, resize_pair
 from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
 from cil_dist.protocol import TaskProtocol
 from cil_dist.training import checkpoint as ckpt
+from cil_dist.training import config_diff, run_folder
 from tests.helpers import error_lines, run_ranks, tiny_train_config
 
 BIN = Path(sys.executable).parent
@@ -268,8 +269,8 @@ def test_cache_settings_are_validated_in_one_line():
         cfg = dataclasses.replace(DataConfig(manifest="m.json"), **changes)
         with pytest.raises(ConfigError, match=message):
             cfg.validate()
-    assert ckpt.is_free("data.cache_dir") and ckpt.is_free("data.cache_build_workers")
-    assert not ckpt.is_free("data.cache")
+    assert config_diff.is_free("data.cache_dir") and config_diff.is_free("data.cache_build_workers")
+    assert not config_diff.is_free("data.cache")
 
 
 def test_the_epoch_permutation_is_a_pure_function_of_seed_and_epoch():
@@ -346,7 +347,7 @@ def test_a_mid_epoch_checkpoint_on_the_cache_resumes_with_identical_weights(
 
     whole = run_training(config("whole"))
     # 34 samples in global batches of 4: 8 steps per epoch; step 10 is the 2nd of epoch 2
-    mid = ckpt.periodic_path(tmp_path / "whole", 1, 2)
+    mid = run_folder.periodic_path(tmp_path / "whole", 1, 2)
     assert ckpt.load_checkpoint(mid)["state"] == {
         "epoch": 1, "step": 10, "epoch_step": 2, "samples": 40
     }  # fmt: skip

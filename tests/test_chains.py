@@ -231,6 +231,16 @@ def test_local_chain_runs_two_ranks_in_order_and_resumes(tmp_path, manifest_path
     assert f"| 1 | s1 | {then:.1f} | {now:.1f} | {lost:.1f} |" in results
     assert (run / "stages" / "s2" / "metrics.csv").is_file()
 
+    # status and report read the run folder without importing torch (seconds on a slow node)
+    code = (
+        "import sys\nfrom launch.cli import main\n"
+        f"assert main(['status', {str(run)!r}]) == main(['report', {str(run)!r}]) == 0\n"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "False", done.stderr
+    assert "| CIL |" in done.stdout  # the report, printed
+
     # Re-submitting skips every finished job (checkpoints verify) and changes nothing.
     before = final_weights(run, "s2")
     again = submit_chain(load_chain(str(path)), run, "local")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
-from cil_dist.evaluation.metrics import ConfusionMatrix, TaskSetEvaluator, format_paper_table
+from cil_dist.evaluation.metrics import ConfusionMatrix, TaskSetEvaluator
+from cil_dist.evaluation.tables import format_paper_table
 from cil_dist.evaluation.visualize import channels_to_label_ids, colorize
 from tests.helpers import run_ranks
 

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from cil_dist.cli import main
 from cil_dist.config import TrainConfig
 from cil_dist.training import checkpoint as ckpt
+from cil_dist.training import config_diff, run_folder
 from cil_dist.training.train import run_training
 from tests.helpers import tiny_train_config
 
@@ -36,7 +37,7 @@ def interrupted(whole: Path, manifest: str, out: Path) -> TrainConfig:
     """A run folder "crashed" after epoch 1 (its checkpoint and config.yaml), and its config."""
     run = out / "run"
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(ckpt.periodic_path(whole, 1), run / "checkpoints")
+    shutil.copy(run_folder.periodic_path(whole, 1), run / "checkpoints")
     shutil.copy(whole / "config.yaml", run / "config.yaml")
     return two_epochs(manifest, out, "run")
 
@@ -65,7 +66,7 @@ def test_a_changed_lr_is_refused_in_one_line_and_config_yaml_is_kept(
     assert "optim.lr 0.0005 -> 0.001" in errors[0] and "epoch_0001.pt" in errors[0]
     assert "checkpoint.allow_config_change" in errors[0]
     assert (tmp_path / "run" / "config.yaml").read_bytes() == before
-    assert not ckpt.final_path(tmp_path / "run").exists()
+    assert not run_folder.final_path(tmp_path / "run").exists()
 
 
 def test_allow_config_change_resumes_with_the_new_lr(whole, manifest_path, tmp_path, capsys):
@@ -80,7 +81,10 @@ def test_allow_config_change_resumes_with_the_new_lr(whole, manifest_path, tmp_p
     assert epoch_lr(whole, 2) == pytest.approx(5e-4 * 0.5**0.9)
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert saved.optim.lr == 1e-3 and saved.checkpoint.allow_config_change
-    assert ckpt.load_checkpoint(ckpt.final_path(tmp_path / "run"))["config"]["optim"]["lr"] == 1e-3
+    assert (
+        ckpt.load_checkpoint(run_folder.final_path(tmp_path / "run"))["config"]["optim"]["lr"]
+        == 1e-3
+    )
 
 
 def test_keys_that_do_not_alter_the_run_change_silently(whole, manifest_path, tmp_path, capsys):
@@ -91,7 +95,7 @@ def test_keys_that_do_not_alter_the_run_change_silently(whole, manifest_path, tm
     final = run_training(cfg)
     err = capsys.readouterr().err
     assert "WARNING" not in err and "resumed from" in err
-    first, second = ckpt.load_checkpoint(ckpt.final_path(whole)), ckpt.load_checkpoint(final)
+    first, second = ckpt.load_checkpoint(run_folder.final_path(whole)), ckpt.load_checkpoint(final)
     assert first["state"] == second["state"]
     for key, value in first["model"].items():  # the uninterrupted run, bit for bit
         assert torch.equal(value, second["model"][key]), key
@@ -101,5 +105,7 @@ def test_keys_that_do_not_alter_the_run_change_silently(whole, manifest_path, tm
 def test_free_keys_are_chosen_and_unrecorded_keys_are_not_compared():
     saved = {"optim": {"lr": 5e-4}, "eval": {"every_epochs": 0}, "seed": 1}
     current = {"optim": {"lr": 5e-4}, "eval": {"every_epochs": 5}, "seed": 2, "dist": {"x": 1}}
-    assert ckpt.config_changes(saved, current) == {"seed": (1, 2)}
-    assert ckpt.is_free("data.num_workers") and not ckpt.is_free("data.shuffle_buffer")
+    assert config_diff.config_changes(saved, current) == {"seed": (1, 2)}
+    assert config_diff.is_free("data.num_workers") and not config_diff.is_free(
+        "data.shuffle_buffer"
+    )

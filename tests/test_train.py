@@ -12,6 +12,7 @@ import torch
 from cil_dist.config import ConfigError
 from cil_dist.distributed import DistEnv, cleanup_distributed, init_distributed
 from cil_dist.training import checkpoint as ckpt
+from cil_dist.training import run_folder
 from cil_dist.training.checkpoint import CheckpointError
 from cil_dist.training.teacher import teacher_forward
 from cil_dist.training.train import build, run_training, stage_loss, train_one_epoch, train_step
@@ -148,7 +149,9 @@ def test_resume_reproduces_the_uninterrupted_run(manifest_path, tmp_path):
     whole = run_training(three_joint_epochs(manifest_path, tmp_path, "whole"))
     interrupted = tmp_path / "interrupted" / "checkpoints"
     interrupted.mkdir(parents=True)
-    shutil.copy(ckpt.periodic_path(tmp_path / "whole", 1), interrupted)  # "crashed" after epoch 1
+    shutil.copy(
+        run_folder.periodic_path(tmp_path / "whole", 1), interrupted
+    )  # "crashed" after epoch 1
     resumed = run_training(three_joint_epochs(manifest_path, tmp_path, "interrupted"))
     assert_same_final(whole, resumed)
 
@@ -236,7 +239,7 @@ def test_validation_curves_and_distillation_diagnostic_per_epoch(
     # resumed after epoch 1: the rows written after that checkpoint are replaced, not repeated
     interrupted = tmp_path / "interrupted"
     (interrupted / "checkpoints").mkdir(parents=True)
-    shutil.copy(ckpt.periodic_path(tmp_path / "whole", 1), interrupted / "checkpoints")
+    shutil.copy(run_folder.periodic_path(tmp_path / "whole", 1), interrupted / "checkpoints")
     shutil.copy(tmp_path / "whole" / "metrics.csv", interrupted / "metrics.csv")
     run_training(config("interrupted"))
     resumed = metrics_rows(interrupted)
@@ -268,8 +271,8 @@ def test_resume_passes_over_a_truncated_checkpoint_and_removes_stale_temporaries
     whole = run_training(three_joint_epochs(manifest_path, tmp_path, "whole"))
     folder = tmp_path / "broken" / "checkpoints"
     folder.mkdir(parents=True)
-    shutil.copy(ckpt.periodic_path(tmp_path / "whole", 1), folder)
-    newest = ckpt.periodic_path(tmp_path / "whole", 2).read_bytes()
+    shutil.copy(run_folder.periodic_path(tmp_path / "whole", 1), folder)
+    newest = run_folder.periodic_path(tmp_path / "whole", 2).read_bytes()
     truncated = folder / "epoch_0002.pt"
     truncated.write_bytes(newest[: len(newest) // 2])  # damaged after it was written
     stale = folder / ".epoch_0003.pt.abc123.tmp"  # a write that kill -9 interrupted
@@ -300,7 +303,7 @@ def test_a_mid_epoch_checkpoint_resumes_at_its_step_with_identical_weights(manif
 
     whole = run_training(config("whole"))
     # every 5 global steps of 17 per epoch: step 25 is the 8th of epoch 2
-    mid = ckpt.periodic_path(tmp_path / "whole", 1, 8)
+    mid = run_folder.periodic_path(tmp_path / "whole", 1, 8)
     assert mid.name == "epoch_0001_step_000008.pt" and mid.is_file()
     state = {"epoch": 1, "step": 25, "epoch_step": 8, "samples": 50}  # 25 steps of 2 images
     assert ckpt.load_checkpoint(mid)["state"] == state

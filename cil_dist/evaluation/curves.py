@@ -13,7 +13,7 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from cil_dist.training.validation import CSV_NAME
+from cil_dist.training.run_folder import METRICS_CSV
 
 Series = dict[str, list[tuple[int, float]]]
 
@@ -22,7 +22,7 @@ def read_series(run_dir: Path, split: str) -> tuple[Series, Series]:
     """``(task-set mIoU series of split, training series)`` of a run folder, by name."""
     curves: Series = defaultdict(list)
     train: Series = defaultdict(list)
-    path = Path(run_dir) / CSV_NAME
+    path = Path(run_dir) / METRICS_CSV
     if not path.is_file():
         return {}, {}
     with path.open(newline="") as stream:
@@ -57,7 +57,7 @@ def plot_runs(
     series = {label: read_series(path, split) for label, path in runs.items()}
     series = {label: s for label, s in series.items() if s[0] or s[1]}
     if not series:
-        raise ValueError(f"no {CSV_NAME} with curves in {', '.join(map(str, runs.values()))}")
+        raise ValueError(f"no {METRICS_CSV} with curves in {', '.join(map(str, runs.values()))}")
     columns = len(series)
     figure, axes = plt.subplots(
         2, columns, figsize=(3.6 * columns, 6.0), squeeze=False, sharex="col"

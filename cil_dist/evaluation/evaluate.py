@@ -20,12 +20,8 @@ from PIL import Image
 from cil_dist.config import TrainConfig
 from cil_dist.data.pipeline import EpochLoader, ShardSource, build_eval_loader
 from cil_dist.distributed import DistEnv
-from cil_dist.evaluation.metrics import (
-    TaskSetEvaluator,
-    format_class_table,
-    format_paper_table,
-    upsample_logits,
-)
+from cil_dist.evaluation.metrics import TaskSetEvaluator, upsample_logits
+from cil_dist.evaluation.tables import format_class_table, format_paper_table
 from cil_dist.evaluation.visualize import channels_to_label_ids
 from cil_dist.protocol import TaskProtocol
 from cil_dist.storage import StorageOptions

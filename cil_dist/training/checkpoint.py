@@ -2,14 +2,15 @@
 
 A checkpoint holds the model (without DDP's ``module.`` prefix), optimiser, schedule, scaler,
 the progress record, RNG states, the resolved config and the task protocol. Files live in
-``RUN/checkpoints/``: ``epoch_0010.pt`` … (the newest ``keep`` are kept) and ``final.pt``, the
-one marked ``complete`` (the run trained all its epochs). This module owns every read of a
-weights file — local or on object storage (``s3://``, ``gs://``, ``https://``) —, what a
-checkpoint holds (:func:`restore` puts it back into the objects of a run, :func:`describe`
-says what it is without reading its tensors, :func:`model_from_checkpoint` builds its model).
-A file exists only once completely written (temporary file + rename); a run resumes from the
-newest one that loads (a file damaged after the fact is passed over with a warning), and the
-temporaries of writes a killed job never finished are removed when the run starts again.
+``RUN/checkpoints/`` (:mod:`cil_dist.training.run_folder`): ``epoch_0010.pt`` … (the newest
+``keep`` are kept) and ``final.pt``, the one marked ``complete`` (the run trained all its
+epochs). This module owns every read of a weights file — local or on object storage
+(``s3://``, ``gs://``, ``https://``) —, what a checkpoint holds (:func:`restore` puts it back
+into the objects of a run, :func:`describe` says what it is without reading its tensors,
+:func:`model_from_checkpoint` builds its model). A file exists only once completely written
+(temporary file + rename); a run resumes from the newest one that loads (a file damaged after
+the fact is passed over with a warning), and the temporaries of writes a killed job never
+finished are removed when the run starts again.
 """
 
 from __future__ import annotations
@@ -27,13 +28,11 @@ import torch
 
 from cil_dist import storage, urls
 from cil_dist.training import signals
+from cil_dist.training.run_folder import FINAL
 
 log = logging.getLogger(__name__)
 
 FORMAT = "cil-dist-checkpoint/1"
-FINAL = "final.pt"
-# after N epochs (and S steps into the next one: checkpoint.every_steps)
-PERIODIC = re.compile(r"epoch_(\d{4,})(?:_step_(\d{6,}))?\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -207,122 +206,5 @@ def num_classes_of(model_state: dict[str, torch.Tensor], path: str = "checkpoint
     raise CheckpointError(f"{path}: no decoder.output_conv.weight, not an ERFNet state dict")
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def periodic_path(run_dir: str | Path, epoch: int, epoch_step: int = 0) -> Path:
-    """The checkpoint after ``epoch`` epochs and ``epoch_step`` steps of the next one."""
-    step = f"_step_{epoch_step:06d}" if epoch_step else ""
-    return checkpoint_dir(run_dir) / f"epoch_{epoch:04d}{step}.pt"
-
-
-def _progress(path: Path) -> tuple[int, int]:
-    match = PERIODIC.search(path.name)
-    return int(match.group(1)), int(match.group(2) or 0)
-
-
-def final_path(run_dir: str | Path) -> Path:
-    return checkpoint_dir(run_dir) / FINAL
-
-
-def periodic_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Periodic checkpoints of a run, oldest first."""
-    folder = checkpoint_dir(run_dir)
-    found = (
-        [p for p in folder.glob("epoch_*.pt") if PERIODIC.search(p.name)] if folder.is_dir() else []
-    )
-    return sorted(found, key=_progress)
-
-
-def resume_candidates(run_dir: str | Path) -> list[Path]:
-    """``final.pt`` (if any), then the periodic checkpoints, newest first."""
-    final = final_path(run_dir)
-    return ([final] if final.is_file() else []) + periodic_checkpoints(run_dir)[::-1]
-
-
-def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
-    """Delete the temporary files of checkpoint writes that never finished (a killed job)."""
-    folder = checkpoint_dir(run_dir)
-    stale = sorted(folder.glob(".*.pt.*.tmp")) if folder.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        log.info("removed %d unfinished checkpoint write(s) in %s", len(stale), folder)
-    return stale
-
-
-def prune(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` periodic checkpoints."""
-    for old in periodic_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        old.unlink(missing_ok=True)
-
-
 def state_to_dict(state: TrainState) -> dict[str, int]:
     return asdict(state)
-
-
-# Keys that change where a run writes, what it logs, measures or keeps, and how it reads or
-# waits, never the data, model or optimisation it trains: a resume may change them freely
-# (README "Training a stage"). A key and everything under it.
-FREE_KEYS = (
-    "name",
-    "out_dir",
-    "log_every",
-    "tensorboard",
-    "checkpoint.every_epochs",
-    "checkpoint.every_steps",
-    "checkpoint.keep",
-    "checkpoint.resume",
-    "checkpoint.allow_config_change",
-    "eval",
-    "dist",
-    "model.channels_last",
-    "data.num_workers",
-    "data.eval_batch_size",
-    "data.endpoint_url",
-    "data.block_size",
-    "data.read_retries",
-    "data.retry_backoff",
-    "data.verify_checksums",
-    "data.on_shard_error",
-    "data.cache_dir",  # where the decoded cache lives, not what it holds
-    "data.cache_build_workers",
-)
-
-
-def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"optim.lr": 5e-4, ...}`` of a nested config (lists stay values)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flat_config(value, f"{dotted}.")
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def is_free(key: str) -> bool:
-    return any(key == free or key.startswith(f"{free}.") for free in FREE_KEYS)
-
-
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{key: (checkpoint's value, this config's)}`` for the keys that alter the run; keys
-    the checkpoint does not record (written by an older version) are not compared."""
-    old, new = flat_config(saved), flat_config(current)
-    return {
-        key: (old[key], value)
-        for key, value in new.items()
-        if key in old and old[key] != value and not is_free(key)
-    }
-
-
-def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
-    """``optim.lr 0.0005 -> 0.001, seed 1 -> 2`` (long values shortened)."""
-
-    def short(value: Any) -> str:
-        text = repr(value)
-        return text if len(text) <= 60 else f"{text[:57]}..."
-
-    return ", ".join(f"{key} {short(a)} -> {short(b)}" for key, (a, b) in changes.items())

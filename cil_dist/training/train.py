@@ -33,6 +33,7 @@ from cil_dist.model.sync_batchnorm import convert_sync_batchnorm
 from cil_dist.protocol import TaskProtocol
 from cil_dist.storage import StorageOptions
 from cil_dist.training import checkpoint as ckpt
+from cil_dist.training import config_diff, run_folder
 from cil_dist.training.losses import (
     cross_entropy,
     finetune_loss,
@@ -298,7 +299,7 @@ def newest_loadable(run_dir: Path) -> tuple[Path, dict] | None:
     """The newest checkpoint of the run that loads; an unreadable newer one (a truncated file)
     is passed over with a warning naming both."""
     skipped: list[str] = []
-    for path in ckpt.resume_candidates(run_dir):
+    for path in run_folder.resume_candidates(run_dir):
         try:
             payload = ckpt.load_checkpoint(path)
         except ckpt.CheckpointError as exc:
@@ -348,10 +349,10 @@ def resume(parts: Components, cfg: TrainConfig, run_dir: Path) -> None:
 def check_config_change(cfg: TrainConfig, payload: dict, path: Path) -> dict:
     """The keys that alter the run and differ from the checkpoint's config: an error, or with
     ``checkpoint.allow_config_change`` a warning naming them (this config's values are used)."""
-    changes = ckpt.config_changes(payload.get("config") or {}, public_config(cfg))
+    changes = config_diff.config_changes(payload.get("config") or {}, public_config(cfg))
     if not changes:
         return changes
-    described = ckpt.describe_changes(changes)
+    described = config_diff.describe_changes(changes)
     if not cfg.checkpoint.allow_config_change:
         raise ConfigError(
             f"{path}: this config changes {described} against the checkpoint's; "
@@ -450,7 +451,7 @@ def log_validation(results: dict[str, dict[str, float]], epoch: int) -> None:
 
 def fit(parts: Components, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Path:
     """Train the remaining epochs; returns the final checkpoint's path."""
-    final = ckpt.final_path(run_dir)
+    final = run_folder.final_path(run_dir)
     if parts.state.epoch >= cfg.optim.epochs and final.is_file():
         log.info("run %s already finished (%s)", run_dir, final)
         return final
@@ -462,10 +463,10 @@ def fit(parts: Components, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Pat
 
         def mid_epoch_checkpoint() -> None:
             if every_steps and parts.state.step % every_steps == 0:
-                at = ckpt.periodic_path(run_dir, parts.state.epoch, parts.state.epoch_step)
+                at = run_folder.periodic_path(run_dir, parts.state.epoch, parts.state.epoch_step)
                 save(parts, cfg, at, env)
                 if env.is_main:
-                    ckpt.prune(run_dir, cfg.checkpoint.keep)
+                    run_folder.prune(run_dir, cfg.checkpoint.keep)
 
         while parts.state.epoch < cfg.optim.epochs:
             stats = train_one_epoch(parts, cfg, env, metrics, mid_epoch_checkpoint)
@@ -481,9 +482,9 @@ def fit(parts: Components, cfg: TrainConfig, env: DistEnv, run_dir: Path) -> Pat
                     metrics.add(epoch, parts.state.step, split, values)
             every = cfg.checkpoint.every_epochs
             if every and epoch % every == 0 and epoch < cfg.optim.epochs:
-                save(parts, cfg, ckpt.periodic_path(run_dir, epoch), env)
+                save(parts, cfg, run_folder.periodic_path(run_dir, epoch), env)
                 if env.is_main:
-                    ckpt.prune(run_dir, cfg.checkpoint.keep)
+                    run_folder.prune(run_dir, cfg.checkpoint.keep)
     finally:
         metrics.close()
         validator.close()
@@ -502,7 +503,7 @@ def train_stage(cfg: TrainConfig, env: DistEnv) -> Path:
     run_dir = run_dir_of(cfg)
     parts = build(cfg, env)
     if env.is_main:
-        ckpt.remove_stale_temporaries(run_dir)
+        run_folder.remove_stale_temporaries(run_dir)
     resume(parts, cfg, run_dir)
     write_config(cfg, run_dir, env)  # only once the checkpoint fits this config
     final = fit(parts, cfg, env, run_dir)

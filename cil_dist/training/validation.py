@@ -31,8 +31,8 @@ from cil_dist.distributed import DistEnv
 from cil_dist.evaluation.metrics import TaskSetEvaluator
 from cil_dist.labels import IGNORE
 from cil_dist.training.precision import Precision
+from cil_dist.training.run_folder import METRICS_CSV
 
-CSV_NAME = "metrics.csv"
 FIELDS = ("epoch", "step", "split", "name", "value")
 
 
@@ -65,7 +65,7 @@ class MetricsLog:
     """``RUN/metrics.csv`` and TensorBoard, written by rank 0 only."""
 
     def __init__(self, run_dir: Path, env: DistEnv, tensorboard: bool):
-        self.path = Path(run_dir) / CSV_NAME
+        self.path = Path(run_dir) / METRICS_CSV
         self.enabled = env.is_main
         self.writer = None
         if self.enabled and tensorboard:
