@@ -12,26 +12,44 @@ once the project is installed — ``make setup`` / ``pip install``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
 
 import submitit
 
+from cil_dist.logs import setup_logging
 from launch import procs, state
 from launch.chain import JobSpec
 
 log = logging.getLogger(__name__)
 
 
+# The rendezvous port of a multi-rank job, below Linux's ephemeral ports (32768-60999 by
+# default). submitit's own pick (20000-60000) falls among them most of the time: ports the kernel
+# hands out to outgoing connections and to gloo's listeners, so rank 0 could find its port taken
+# (EADDRINUSE) and the other ranks then waited for it until dist.timeout_s.
+RENDEZVOUS_PORTS = range(20000, 32768)
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The job's MASTER_PORT, derived from its id: the same on every rank and node, another for
+    a job running beside it (a local job's id is its process id, a SLURM job's its job id)."""
+    digest = hashlib.sha256(job_id.encode()).digest()
+    return RENDEZVOUS_PORTS[int.from_bytes(digest[:4], "big") % len(RENDEZVOUS_PORTS)]
+
+
 def export_distributed_env() -> tuple[int, int, str, str]:
-    """Export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from submitit's job.
+    """Export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from submitit's job (MASTER_PORT:
+    :func:`rendezvous_port`, also over one inherited from the submitting shell).
 
     Returns (rank, world size, job id, this rank's log file).
     """
     logging.getLogger("submitit").propagate = False  # it has its own handler
     job = submitit.JobEnvironment()
     if job.num_tasks > 1:
+        os.environ["MASTER_PORT"] = str(rendezvous_port(str(job.job_id)))
         # Keep every GPU visible: DistEnv picks cuda:LOCAL_RANK itself.
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True
@@ -59,6 +77,7 @@ class ChainJob(submitit.helpers.Checkpointable):
         # each rank's intra-op threads on CPU: the job's cpus_per_task, on every executor
         os.environ["OMP_NUM_THREADS"] = str(self.spec.resources.cpus_per_task)
         rank, world_size, job_id, rank_log = export_distributed_env()
+        setup_logging(rank)  # the attempt line below reaches the rank's log
         pid = os.getpid()
         state.rank_started(
             self.run_dir,
@@ -72,7 +91,18 @@ class ChainJob(submitit.helpers.Checkpointable):
         )
         if rank == 0:
             attempt = state.job_started(self.run_dir, self.spec.name, job_id, world_size)
-            log.info("%s %s: attempt %d (job %s)", self.spec.kind, self.spec.name, attempt, job_id)
+            where = ""
+            if world_size > 1:  # where the ranks met (a port clash shows here)
+                where = f", rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            log.info(
+                "%s %s: attempt %d (job %s, %d rank(s)%s)",
+                self.spec.kind,
+                self.spec.name,
+                attempt,
+                job_id,
+                world_size,
+                where,
+            )
         try:
             result = self.run()
         except Exception as exc:

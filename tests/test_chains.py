@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 from launch import state as st
 from launch.chain import expand, load_chain
 from launch.cli import main as launch_main
+from launch.jobs import RENDEZVOUS_PORTS, rendezvous_port
 from launch.monitor import pid_alive
 from launch.submit import submit_chain
 from launch.validate import ChainError, validate_chain
@@ -205,6 +207,12 @@ def test_local_chain_runs_two_ranks_in_order_and_resumes(tmp_path, manifest_path
     status = {n: st.read_status(run, n) for n in ("s1", "s2", "e2")}
     assert all(s["world_size"] == 2 for s in status.values())
     assert status["s1"]["finished"] <= status["s2"]["started"]  # dependency order
+    for name in ("s1", "s2", "e2"):  # each job met at its own port, below the ephemeral ones
+        job_id = chain["jobs"][name]["job_id"]
+        port = rendezvous_port(job_id)
+        assert port < 32768, port
+        line = f"(job {job_id}, 2 rank(s), rendezvous {socket.gethostname()}:{port})"
+        assert line in Path(chain["jobs"][name]["log"]).read_text(), (name, line)
     s2_config = (run / "stages" / "s2" / "config.yaml").read_text()
     assert f"checkpoint: {run / 'stages' / 's1' / 'checkpoints' / 'final.pt'}" in s2_config
     metrics = json.loads((run / "evals" / "e2" / "metrics.json").read_text())
@@ -379,3 +387,14 @@ def test_a_chain_and_cil_train_word_the_same_mistake_alike(tmp_path, manifest_pa
         with pytest.raises(ChainError) as caught:
             validate_chain(chain, tmp_path / f"run{index}", "local", str(path))
         assert chain_key + words in caught.value.problems, caught.value.problems
+
+
+def test_rendezvous_ports_are_below_the_ephemeral_range_and_differ_between_jobs():
+    """A multi-rank job's MASTER_PORT comes from its id (every rank and node agrees), below the
+    ports the kernel hands out for outgoing connections, and jobs side by side get other ports."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [rendezvous_port(str(job_id)) for job_id in range(2000, 4000)]
+    assert all(port in RENDEZVOUS_PORTS and port < low for port in ports)
+    assert rendezvous_port("5676") == rendezvous_port("5676")
+    assert rendezvous_port("12345_0") != rendezvous_port("12345_1")  # SLURM array tasks
+    assert len(set(ports)) > 1800  # 2000 ids: few share a port
