@@ -16,9 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
-from cil_dist.config import ConfigError, TrainConfig, load_train_config
-from cil_dist.protocol import TaskProtocol
-from cil_dist.training.stage import plan_stage
+from cil_dist.config import ConfigError, load_train_config
+from cil_dist.training.stage import plan_run
 from cil_dist.urls import redact_url
 
 log = logging.getLogger("cil")
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a config's own mistakes end here, before torch's seconds-long import
         if args.command == "train":
             cfg = load_train_config(args.config, args.set, label="--set")
-            check_before_building(cfg)
+            plan_run(cfg)
     except ValueError as exc:  # ConfigError, ProtocolError
         log.error("%s", redact_url(str(exc)))
         return EXIT_USER
@@ -90,13 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", redact_url(str(exc)))
         return EXIT_TIMEOUT
     return 0
-
-
-def check_before_building(cfg: TrainConfig) -> None:
-    """The checks of a run that need neither torch nor a file (the settings, the stage's
-    method and teacher wiring); training repeats them, and checks the files, before it builds."""
-    cfg.validate()
-    plan_stage(cfg, TaskProtocol.load(cfg.stage.tasks))
 
 
 def metrics_tables(results: dict, label: str) -> str:

@@ -20,7 +20,7 @@ from cil_dist.config import (
 )
 from cil_dist.protocol import TaskProtocol
 
-__all__ = ["METHODS", "StagePlan", "plan_stage"]
+__all__ = ["METHODS", "StagePlan", "plan_run", "plan_stage"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,14 @@ class StagePlan:
     def task_sets(self) -> list[str]:
         """Evaluation task sets the model's channels cover."""
         return self.protocol.covered_task_sets(self.num_classes)
+
+
+def plan_run(cfg: TrainConfig) -> StagePlan:
+    """Every check of a run that needs neither torch nor a file (its settings, its stage's
+    wiring against its protocol) and its plan: ``cil train`` calls it before importing torch,
+    the trainer again before it builds."""
+    cfg.validate()
+    return plan_stage(cfg, TaskProtocol.load(cfg.stage.tasks))
 
 
 def plan_stage(cfg: TrainConfig, protocol: TaskProtocol) -> StagePlan:

@@ -42,7 +42,7 @@ from cil_dist.training.losses import (
 )
 from cil_dist.training.optim import build_optimizer, poly_schedule
 from cil_dist.training.precision import Precision, build_precision
-from cil_dist.training.stage import StagePlan, plan_stage
+from cil_dist.training.stage import StagePlan, plan_run
 from cil_dist.training.teacher import (
     init_from_previous,
     load_previous_state,
@@ -227,9 +227,8 @@ def run_dir_of(cfg: TrainConfig) -> Path:
 
 def build(cfg: TrainConfig, env: DistEnv) -> Components:
     """Validate the config and build model, teacher, data, optimiser and precision."""
-    cfg.validate()
-    protocol = TaskProtocol.load(cfg.stage.tasks)
-    plan = plan_stage(cfg, protocol)
+    plan = plan_run(cfg)
+    protocol = plan.protocol
     source = ShardSource.from_config(cfg.data, plan.splits)
     check_manifest_protocol(source, cfg, protocol)
     teacher = None
