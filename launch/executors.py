@@ -2,9 +2,12 @@
 
 * ``slurm``: one sbatch job per stage, ``nodes × tasks_per_node`` tasks (one rank each),
   ``--gpus-per-node``, ``--signal=USR2@signal_delay_s`` (submitit), ``afterok`` dependencies
-  and ``--kill-on-invalid-dep=yes`` so a failed stage takes its dependents with it.
+  and ``--kill-on-invalid-dep=yes`` so a failed stage takes its dependents with it; ``srun
+  --kill-on-bad-exit=1`` ends a job's other ranks as soon as one of them exits with an error
+  (instead of leaving them to wait for it until ``dist.timeout_s``).
 * ``local``: submitit's local executor starts ``tasks_per_node`` processes on this machine
-  (gloo on CPU); the chain driver in :mod:`launch.local_driver` respects the dependencies.
+  (gloo on CPU); the chain driver in :mod:`launch.local_driver` respects the dependencies and
+  ends a job's other ranks once one failed (:mod:`launch.rank_watch`).
 * ``debug``: submitit's debug executor runs the job in the calling process (world size 1),
   for stepping through a stage with a debugger.
 """
@@ -61,6 +64,7 @@ def make_executor(
             signal_delay_s=res.signal_delay_s,
             setup=list(res.setup),
             stderr_to_stdout=True,
+            srun_args=["--kill-on-bad-exit=1"],
             additional_parameters=extra,
             **{k: v for k, v in options.items() if k in named},
             **({"dependency": "afterok:" + ":".join(after)} if after else {}),

@@ -114,6 +114,8 @@ class ChainJob(submitit.helpers.Checkpointable):
             if rank == 0 and not self._preempted:
                 state.job_failed(self.run_dir, self.spec.name, exc)
             raise
+        finally:  # also on SystemExit (submitit's requeue) or KeyboardInterrupt
+            state.rank_ended(self.run_dir, self.spec.name, rank)
         if rank == 0:
             state.job_finished(self.run_dir, self.spec.name, result)
         return result

@@ -1,6 +1,7 @@
 """The local driver: runs a chain on this machine, each job once its dependencies completed (at
-most ``max_parallel`` at a time), adopting jobs a previous driver left running, cancelling the
-dependents of a failed job, and stopping when ``cil-launch cancel`` asks."""
+most ``max_parallel`` at a time), adopting jobs a previous driver left running, stopping a job's
+other ranks once one failed (:mod:`launch.rank_watch`), cancelling the dependents of a failed
+job, and stopping when ``cil-launch cancel`` asks."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from launch.chain import JobSpec
 from launch.dispatch import submit_one
 from launch.monitor import job_alive, record_failure
 from launch.plan import launch_order
+from launch.rank_watch import RankWatch
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ def run_locally(
         if record.state in (st.PENDING, st.RUNNING)  # refresh found its processes alive
     }
     done_ok = (st.COMPLETED, st.SKIPPED)
+    watch = RankWatch(chain_state)
     chain_state.driver_pid = os.getpid()
     chain_state.driver_started = procs.start_time(chain_state.driver_pid)
     try:
@@ -76,7 +79,10 @@ def run_locally(
                 if not job.done():
                     continue
                 del running[name]
+                watch.forget(name)
                 finish_local(chain_state, name)
+            if kind == "local":
+                watch.check(list(running))
             ready = [
                 name
                 for name in launch_order(jobs)

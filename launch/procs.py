@@ -76,7 +76,7 @@ class Targets:
         self.known: dict[int, tuple[str, str]] = {}  # pid -> (start time, label)
 
     def add(self, pid: int, started: str, label: str, table: dict[int, Proc]) -> None:
-        if pid > 0 and pid != os.getpid() and alive(pid, started, table):
+        if pid > 1 and pid != os.getpid() and alive(pid, started, table):  # never init
             self.known.setdefault(pid, (table[pid].started, label))
 
     def live(self, table: dict[int, Proc]) -> list[int]:

@@ -251,6 +251,18 @@ def rank_failed(run_dir: Path | str, name: str, rank: int, exc: BaseException) -
     )
 
 
+def rank_ended(run_dir: Path | str, name: str, rank: int) -> None:
+    """The rank's Python code is done (a result, an error or a requeue): a rank process that is
+    gone without this mark died from outside (SIGKILL, out of memory, a crash)."""
+    write_rank(run_dir, name, rank, ended=time.time())
+
+
+def rank_lost(run_dir: Path | str, name: str, rank: int, pid: int) -> None:
+    """Recorded by the local driver for a rank process that ended without a word."""
+    why = f"RankLost: process {pid} ended without a result or an error (killed: out of memory?)"
+    write_rank(run_dir, name, rank, error=why, failed_at=time.time())
+
+
 def is_consequence(record: dict[str, Any]) -> bool:
     """Whether a rank's error is a lost peer (gloo/NCCL) rather than a failure of its own."""
     return bool(CONSEQUENCE.search(record.get("error", "") + record.get("traceback", "")))

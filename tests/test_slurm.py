@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -165,6 +166,25 @@ def test_failing_stage_cancels_dependents_and_status_reports_it(
     assert launch_main(["status", str(run)]) == 1
     ids = [final.jobs[n].job_id for n in ("s3", "e3")]
     assert set(sacct_states(ids).values()) == {"CANCELLED"}
+
+
+def test_a_rank_killed_before_the_rendezvous_ends_the_job_at_once(slurm, tmp_path, manifest_path):
+    """Rank 1 killed while it starts: without ``srun --kill-on-bad-exit=1`` (this cluster does not
+    set KillOnBadExit) rank 0 would wait for it at the rendezvous until ``dist.timeout_s``."""
+    stages = {"s1": {"method": "cil", "stage": 1}}
+    path = write_chain(tmp_path, manifest_path, stages, overrides=["dist.timeout_s=600"])
+    run = tmp_path / "run"
+    submit_chain(load_chain(str(path)), run, "slurm")
+    deadline = time.monotonic() + CHAIN_TIMEOUT_S
+    while True:  # both ranks recorded themselves; they now import torch, then meet
+        ranks = {r["rank"]: r for r in st.rank_records(run, "s1") if r.get("pid")}
+        if len(ranks) == 2:
+            break
+        assert time.monotonic() < deadline, "the ranks never started"
+        time.sleep(0.02)
+    os.kill(ranks[1]["pid"], signal.SIGKILL)
+    final = wait_for_chain(run, poll_s=1, timeout_s=120)  # not after dist.timeout_s
+    assert final.jobs["s1"].state == st.FAILED, final.jobs["s1"]
 
 
 def test_invalid_chain_is_refused_before_any_job_is_queued(slurm, tmp_path, manifest_path):
