@@ -108,8 +108,10 @@ class ChainJob(submitit.helpers.Checkpointable):
         except Exception as exc:
             # submitit ends a preempted task by raising SystemExit wherever it is; code in
             # between (a file writer's cleanup) may turn that into another error. The job is
-            # requeued all the same: record it as pending, not failed.
-            if not self._preempted:  # every rank its own error: the cause may be on any
+            # requeued all the same: record it as pending, not failed. The other ranks then
+            # lose their peer: part of the requeue too, not an error of theirs.
+            requeued = self._preempted or state.requeue_pending(self.run_dir, self.spec.name)
+            if not requeued:  # every rank its own error: the cause may be on any
                 state.rank_failed(self.run_dir, self.spec.name, rank, exc)
             if rank == 0 and not self._preempted:
                 state.job_failed(self.run_dir, self.spec.name, exc)

@@ -4,7 +4,9 @@ submitit's local controller waits for every task of a job, and a rank whose peer
 during the rendezvous (or which waits in a collective the dead peer never joins) gives up only
 after ``dist.timeout_s`` (600 s by default). The local driver therefore reads the rank records of
 each running job at every poll: a rank that recorded an error, or whose process is gone without
-having marked its end (SIGKILL, the out-of-memory killer, a crash), has failed. The job's other
+having marked its end (SIGKILL, the out-of-memory killer, a crash), has failed — unless rank 0
+checkpointed the job for a requeue (preemption, time limit), whose other ranks end by losing their
+peer and which the controller starts again. The job's other
 ranks get ``GRACE_S`` to end by themselves — a rank that lost its peer records that error itself
 — and are then interrupted (SIGINT; with every process the job's controller started, in case a
 rank has not recorded itself yet) and killed ``KILL_AFTER_S`` later if they still run; the
@@ -93,9 +95,16 @@ class RankWatch:
         """The job ended (the driver recorded its outcome)."""
         self.stopping.pop(name, None)
 
+    def failure(self, name: str, table: dict[int, procs.Proc]) -> dict[str, Any] | None:
+        """The job's failed rank, unless a requeue is under way (rank 0 checkpointed for it, and
+        the other ranks end by losing their peer, as they should)."""
+        if st.requeue_pending(self.chain_state.run_dir, name):
+            return None
+        job_id = self.chain_state.jobs[name].job_id
+        return failed_rank(self.chain_state.run_dir, name, job_id, table)
+
     def watch(self, name: str, table: dict[int, procs.Proc], now: float) -> None:
-        record = self.chain_state.jobs[name]
-        failed = failed_rank(self.chain_state.run_dir, name, record.job_id, table)
+        failed = self.failure(name, table)
         if failed is None:
             return
         self.stopping[name] = Stopping(seen=now)
@@ -110,6 +119,9 @@ class RankWatch:
     def advance(self, name: str, job: Stopping, table: dict[int, procs.Proc], now: float) -> None:
         if not job.interrupted:
             if now - job.seen < self.grace_s:
+                return
+            if self.failure(name, table) is None:  # a requeued attempt replaced the records
+                self.forget(name)
                 return
             for pid, started, label in self.processes(name, table):
                 job.targets.add(pid, started, label, table)

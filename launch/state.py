@@ -166,8 +166,15 @@ def job_started(run_dir: Path | str, name: str, job_id: str, world_size: int = 1
         error="",
         traceback="",  # a failed attempt's, not this one's
         finished="",
+        preempted=False,
     )
     return attempt
+
+
+def requeue_pending(run_dir: Path | str, name: str) -> bool:
+    """Whether rank 0 checkpointed the job for a requeue that has not started yet."""
+    status = read_status(run_dir, name)
+    return status.get("state") == PENDING and bool(status.get("preempted"))
 
 
 def job_finished(run_dir: Path | str, name: str, result: str) -> None:

@@ -16,6 +16,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 
 from cil_dist.protocol import TaskProtocol
+from tests.drivers import reap
 
 TINY_SIZE = (128, 64)
 
@@ -29,6 +30,7 @@ LONGEST_FIRST = (
     "tests/test_multinode_slurm.py",
     "tests/test_chains.py",
     "tests/test_driver_faults.py",
+    "tests/test_rank_failures.py",
     "tests/test_cli.py",
 )
 
@@ -79,3 +81,11 @@ def shard_dir(tmp_path_factory, synth_root, paper_protocol) -> Path:
 @pytest.fixture(scope="session")
 def manifest_path(shard_dir) -> str:
     return str(shard_dir / "manifest.json")
+
+
+@pytest.fixture
+def reaper():
+    """Processes a test started (pid -> start time); whatever survives the test is killed."""
+    started: dict[int, str] = {}
+    yield started
+    reap(started)
