@@ -128,7 +128,9 @@ class ChainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 when SLURM signals preemption or the time limit."""
         self._preempted = True
-        state.write_status(self.run_dir, self.spec.name, state=state.PENDING, preempted=True)
+        state.write_status(
+            self.run_dir, self.spec.name, state=state.PENDING, preempted=True, requeue_pending=True
+        )
         log.warning("%s: preempted; requeueing (resumes from its last checkpoint)", self.spec.name)
         return super().checkpoint(*args, **kwargs)
 

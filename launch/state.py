@@ -166,15 +166,14 @@ def job_started(run_dir: Path | str, name: str, job_id: str, world_size: int = 1
         error="",
         traceback="",  # a failed attempt's, not this one's
         finished="",
-        preempted=False,
+        requeue_pending=False,  # this is the requeued attempt
     )
     return attempt
 
 
 def requeue_pending(run_dir: Path | str, name: str) -> bool:
     """Whether rank 0 checkpointed the job for a requeue that has not started yet."""
-    status = read_status(run_dir, name)
-    return status.get("state") == PENDING and bool(status.get("preempted"))
+    return bool(read_status(run_dir, name).get("requeue_pending"))
 
 
 def job_finished(run_dir: Path | str, name: str, result: str) -> None:

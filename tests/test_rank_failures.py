@@ -112,7 +112,8 @@ def test_a_preempted_two_rank_job_requeues_and_resumes_without_the_watch_stoppin
         os.kill(rank["pid"], signal.SIGUSR2)
     assert driver.wait(timeout=240) == 0
     assert st.ChainState.load(run).jobs["s1"].state == st.COMPLETED
-    assert st.read_status(run, "s1")["attempts"] == 2
+    status = st.read_status(run, "s1")
+    assert (status["attempts"], status["preempted"], status["requeue_pending"]) == (2, True, False)
     assert "resumed from" in log.read_text()
     assert "rank_watch" not in (run.parent / "driver.log").read_text()
 
