@@ -10,7 +10,10 @@
 # (default /tmp/cil-slurm); the system's /etc/slurm is left alone (we use SLURM_CONF).
 # A new start gets a new controller state and a new accounting database, because a fresh
 # controller re-uses job ids. Needs root (apt-get, daemons as slurm/mysql/munge).
-set -euo pipefail
+set -Eeuo pipefail
+# A step that fails names itself (a silent exit 1 left nothing to go on): -E runs the trap in
+# functions too; only where set -e would stop the script.
+trap 'log "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
 
 STATE=${CIL_SLURM_DIR:-/tmp/cil-slurm}
 PORT_BASE=${CIL_SLURM_PORT_BASE:-16817}        # slurmctld, +1 slurmd, +2 slurmdbd, +3 mariadb
@@ -66,7 +69,8 @@ start_mariadb() {
   local data="$STATE/mysql" run="$STATE/mysqld"
   install -d -o mysql -g mysql "$data" "$run"
   mariadb-install-db --user=mysql --datadir="$data" --auth-root-authentication-method=socket \
-    --skip-test-db >"$STATE/mariadb-install.log" 2>&1
+    --skip-test-db >"$STATE/mariadb-install.log" 2>&1 ||
+    { log "mariadb-install-db failed: $(tail -n 5 "$STATE/mariadb-install.log")"; return 1; }
   runuser -u mysql -- /usr/sbin/mariadbd --datadir="$data" --socket="$run/mysqld.sock" \
     --pid-file="$run/mysqld.pid" --port=$((PORT_BASE + 3)) --bind-address=127.0.0.1 \
     --log-error="$run/mysqld.err" --skip-name-resolve >"$run/stdout.log" 2>&1 &
