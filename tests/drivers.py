@@ -28,6 +28,15 @@ def start_driver(path: Path, run: Path, ignore_sigint: bool = False) -> subproce
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
+def start_reaped_driver(path: Path, run: Path, reaper: dict[int, str]) -> subprocess.Popen:
+    """:func:`start_driver` into a new ``run`` folder; the driver is killed after the test if
+    it still runs (``reaper``: the fixture of that name)."""
+    run.mkdir()
+    driver = start_driver(path, run)
+    reaper[driver.pid] = procs.snapshot()[driver.pid].started
+    return driver
+
+
 def wait_for_ranks(run: Path, name: str, driver: subprocess.Popen, ranks: int = 2) -> int:
     """The pid of ``name``'s controller once its ranks run (and rank 0 reported RUNNING)."""
     deadline = time.monotonic() + 120

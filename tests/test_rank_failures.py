@@ -25,7 +25,7 @@ from tests.chains import corrupt_copy, write_chain
 from tests.drivers import (
     STAGES,
     chain_processes,
-    start_driver,
+    start_reaped_driver,
     survivors,
     wait_for_epoch,
     wait_for_ranks,
@@ -69,9 +69,7 @@ def test_status_names_a_hung_rank_by_the_collective_timeout_line(tmp_path, manif
     overrides = ["dist.timeout_s=5", "checkpoint.every_epochs=50"]
     path = write_chain(tmp_path, manifest_path, {"s1": STAGES["s1"]}, 100, overrides=overrides)
     run = tmp_path / "run"
-    run.mkdir()
-    driver = start_driver(path, run)
-    reaper[driver.pid] = procs.snapshot()[driver.pid].started
+    driver = start_reaped_driver(path, run, reaper)
     wait_for_ranks(run, "s1", driver)
     ranks = wait_for_epoch(run, "s1", driver, "epoch 2/100")
     reaper.update(chain_processes(driver))
@@ -101,9 +99,7 @@ def test_a_preempted_two_rank_job_requeues_and_resumes_without_the_watch_stoppin
     and the controller's second attempt resumes on two ranks, untouched by the rank watch."""
     path = write_chain(tmp_path, manifest_path, {"s1": STAGES["s1"]}, 8)
     run = tmp_path / "run"
-    run.mkdir()
-    driver = start_driver(path, run)
-    reaper[driver.pid] = procs.snapshot()[driver.pid].started
+    driver = start_reaped_driver(path, run, reaper)
     wait_for_ranks(run, "s1", driver)
     ranks = wait_for_epoch(run, "s1", driver, "epoch 2/8")
     log = Path(ranks[0]["log"])
@@ -126,9 +122,7 @@ def test_a_rank_killed_before_the_rendezvous_ends_its_job_at_once(tmp_path, mani
         tmp_path, manifest_path, {"s1": STAGES["s1"]}, overrides=["dist.timeout_s=600"]
     )
     run = tmp_path / "run"
-    run.mkdir()
-    driver = start_driver(path, run)
-    reaper[driver.pid] = procs.snapshot()[driver.pid].started
+    driver = start_reaped_driver(path, run, reaper)
     deadline = time.monotonic() + 120
     while True:  # both ranks recorded themselves; they now import torch, then meet
         ranks = {r["rank"]: r for r in st.rank_records(run, "s1") if r.get("pid")}
