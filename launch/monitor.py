@@ -53,6 +53,13 @@ def job_processes(chain_state: st.ChainState, record: st.JobRecord) -> list[tupl
     found = []
     if record.job_id.isdigit():
         found.append((int(record.job_id), record.started, f"{record.name} (job {record.job_id})"))
+    return found + rank_processes(chain_state, record)
+
+
+def rank_processes(chain_state: st.ChainState, record: st.JobRecord) -> list[tuple[int, str, str]]:
+    """(pid, start time, label) of each rank of the job's current submission that recorded
+    itself."""
+    found = []
     for rank in st.rank_records(chain_state.run_dir, record.name):
         if str(rank.get("job_id", "")) == record.job_id and rank.get("pid"):
             label = f"{record.name} rank {rank['rank']}"

@@ -4,9 +4,8 @@ submitit's local controller waits for every task of a job, and a rank whose peer
 during the rendezvous (or which waits in a collective the dead peer never joins) gives up only
 after ``dist.timeout_s`` (600 s by default). The local driver therefore reads the rank records of
 each running job at every poll: a rank that recorded an error, or whose process is gone without
-having marked its end (SIGKILL, the out-of-memory killer, a crash), has failed — unless rank 0
-checkpointed the job for a requeue (preemption, time limit), whose other ranks end by losing their
-peer and which the controller starts again. The job's other
+having marked its end (SIGKILL, the out-of-memory killer, a crash), has failed (a rank that
+loses its peer to a requeue records no error: :class:`launch.jobs.ChainJob`). The job's other
 ranks get ``GRACE_S`` to end by themselves — a rank that lost its peer records that error itself
 — and are then interrupted (SIGINT; with every process the job's controller started, in case a
 rank has not recorded itself yet) and killed ``KILL_AFTER_S`` later if they still run; the
@@ -25,7 +24,7 @@ from typing import Any
 
 from launch import procs
 from launch import state as st
-from launch.monitor import job_processes
+from launch.monitor import rank_processes
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,7 @@ def failed_rank(
         pid = int(record.get("pid") or 0)
         gone = pid and not procs.alive(pid, record.get("started", ""), table)
         if gone and not record.get("ended"):
-            st.rank_lost(run_dir, name, record["rank"], pid)
-            return {**record, "error": "ended without a result or an error"}
+            return {**record, "error": st.rank_lost(run_dir, name, record["rank"], pid)}
     return None
 
 
@@ -95,16 +93,9 @@ class RankWatch:
         """The job ended (the driver recorded its outcome)."""
         self.stopping.pop(name, None)
 
-    def failure(self, name: str, table: dict[int, procs.Proc]) -> dict[str, Any] | None:
-        """The job's failed rank, unless a requeue is under way (rank 0 checkpointed for it, and
-        the other ranks end by losing their peer, as they should)."""
-        if st.requeue_pending(self.chain_state.run_dir, name):
-            return None
-        job_id = self.chain_state.jobs[name].job_id
-        return failed_rank(self.chain_state.run_dir, name, job_id, table)
-
     def watch(self, name: str, table: dict[int, procs.Proc], now: float) -> None:
-        failed = self.failure(name, table)
+        job_id = self.chain_state.jobs[name].job_id
+        failed = failed_rank(self.chain_state.run_dir, name, job_id, table)
         if failed is None:
             return
         self.stopping[name] = Stopping(seen=now)
@@ -119,9 +110,6 @@ class RankWatch:
     def advance(self, name: str, job: Stopping, table: dict[int, procs.Proc], now: float) -> None:
         if not job.interrupted:
             if now - job.seen < self.grace_s:
-                return
-            if self.failure(name, table) is None:  # a requeued attempt replaced the records
-                self.forget(name)
                 return
             for pid, started, label in self.processes(name, table):
                 job.targets.add(pid, started, label, table)
@@ -143,7 +131,7 @@ class RankWatch:
         controller started (a rank that has not recorded itself yet). Not the controller: it
         ends by itself once its tasks have."""
         record = self.chain_state.jobs[name]
-        ranks = [p for p in job_processes(self.chain_state, record) if " rank " in p[2]]
+        ranks = rank_processes(self.chain_state, record)
         tasks = []
         if record.job_id.isdigit() and procs.alive(int(record.job_id), record.started, table):
             below = procs.descendants({int(record.job_id)}, table)
