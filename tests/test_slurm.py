@@ -68,11 +68,15 @@ def job_times(job_id: str) -> tuple[str, str]:
     return start, end
 
 
-def wait_for_sacct(job_id: str, state: str) -> None:
-    """Until the accounting database records ``job_id`` in ``state`` (within the chain timeout)."""
+def wait_for_sacct(job_ids: str | list[str], state: str) -> None:
+    """Until the accounting database records every job in ``state`` (within the chain timeout).
+
+    slurmdbd lags behind slurmctld: a job squeue (and so the chain) shows ended may still be
+    RUNNING in sacct for a moment."""
+    job_ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
     deadline = time.monotonic() + CHAIN_TIMEOUT_S
-    while sacct_states([job_id]).get(job_id) != state:
-        assert time.monotonic() < deadline, (job_id, state, sacct_states([job_id]))
+    while sacct_states(job_ids) != dict.fromkeys(job_ids, state):
+        assert time.monotonic() < deadline, (state, sacct_states(job_ids))
         time.sleep(0.5)
 
 
@@ -90,7 +94,7 @@ def test_three_stage_chain_runs_in_dependency_order_with_teachers(slurm, tmp_pat
     assert len(set(ids.values())) == 4
     final = wait_for_chain(run, poll_s=2, timeout_s=CHAIN_TIMEOUT_S)
     assert {n: r.state for n, r in final.jobs.items()} == dict.fromkeys(ids, "COMPLETED")
-    assert sacct_states(list(ids.values())) == dict.fromkeys(ids.values(), "COMPLETED")
+    wait_for_sacct(list(ids.values()), "COMPLETED")
     times = {name: job_times(job_id) for name, job_id in ids.items()}
     assert times["s1"][1] <= times["s2"][0] and times["s2"][1] <= times["s3"][0]
     assert times["s3"][1] <= times["e3"][0]
@@ -165,7 +169,7 @@ def test_failing_stage_cancels_dependents_and_status_reports_it(
     assert Path(final.jobs["s2"].log).is_file()
     assert launch_main(["status", str(run)]) == 1
     ids = [final.jobs[n].job_id for n in ("s3", "e3")]
-    assert set(sacct_states(ids).values()) == {"CANCELLED"}
+    wait_for_sacct(ids, "CANCELLED")
 
 
 def test_a_rank_killed_before_the_rendezvous_ends_the_job_at_once(slurm, tmp_path, manifest_path):
@@ -210,10 +214,7 @@ def test_cancel_stops_every_queued_and_running_job(slurm, tmp_path, manifest_pat
     ids = [submitted.jobs[name].job_id for name in ("s1", "s2")]
     wait_for_sacct(ids[0], "RUNNING")
     assert launch_main(["cancel", str(run)]) == 0
-    deadline = time.monotonic() + CHAIN_TIMEOUT_S
-    while set(sacct_states(ids).values()) != {"CANCELLED"}:
-        assert time.monotonic() < deadline, sacct_states(ids)
-        time.sleep(0.5)
+    wait_for_sacct(ids, "CANCELLED")
     assert {r.state for r in st.ChainState.load(run).jobs.values()} == {"CANCELLED"}
 
 
@@ -285,6 +286,7 @@ def test_sweep_submits_the_shared_stage_once_within_max_jobs(slurm, tmp_path, ma
     [stage1] = [n for n in final.jobs if n.startswith("s1-")]
     assert final.jobs[stage1].submissions == [final.jobs[stage1].job_id]
     ids = {name: record.job_id for name, record in final.jobs.items()}
+    wait_for_sacct(list(ids.values()), "COMPLETED")
     times = {name: job_times(job_id) for name, job_id in ids.items()}
     for setting in settings:  # each job started after the job it depends on ended
         names = setting.job_names
