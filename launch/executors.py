@@ -89,3 +89,8 @@ def make_executor(
 def log_path(job: submitit.Job) -> str:
     """Rank 0's log file (stdout and stderr) of a submitted job."""
     return str(job.paths.stdout)
+
+
+def batch_log(run_dir: Path | str, job_id: str) -> Path:
+    """A SLURM job's batch script output (srun's own messages), which is rank 0's log."""
+    return submitit.core.utils.JobPaths(submitit_folder(Path(run_dir)), job_id, task_id=0).stdout

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from launch import procs
 from launch import state as st
+from launch.executors import batch_log
 from launch.slurm_states import slurm_states
+from launch.srun_report import read_first_ended
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,17 @@ def record_failure(chain_state: st.ChainState, record: st.JobRecord, status: dic
     several = int(cause.get("world_size", 1)) > 1
     record.error = f"rank {cause['rank']}: {cause['error']}" if several else cause["error"]
     record.log = cause.get("log") or record.log
+
+
+def blame_lost_ranks(chain_state: st.ChainState, record: st.JobRecord) -> None:
+    """A failed SLURM job's ranks that srun saw end first and that recorded neither an error
+    nor an end (killed from outside) get a ``RankLost`` error, so the root cause names them."""
+    own = {r["rank"]: r for r in st.rank_records(chain_state.run_dir, record.name)}
+    for ended in read_first_ended(batch_log(chain_state.run_dir, record.job_id)):
+        rank = own.get(ended.rank, {})
+        if not rank.get("error") and not rank.get("ended"):
+            who = f"task {ended.rank} on {ended.host} (srun: {ended.reason})"
+            st.rank_lost(chain_state.run_dir, record.name, ended.rank, who)
 
 
 def pid_alive(pid: str) -> bool:
@@ -104,6 +117,7 @@ def refresh(chain_state: st.ChainState) -> st.ChainState:
                 merged = st.FAILED
             record.state = merged
             if merged == st.FAILED:
+                blame_lost_ranks(chain_state, record)
                 record_failure(chain_state, record, status, f"SLURM state {raw} (see its log)")
             elif merged == st.CANCELLED and not record.error:
                 record.error = f"SLURM state {raw}"

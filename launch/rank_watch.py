@@ -49,7 +49,8 @@ def failed_rank(
         pid = int(record.get("pid") or 0)
         gone = pid and not procs.alive(pid, record.get("started", ""), table)
         if gone and not record.get("ended"):
-            return {**record, "error": st.rank_lost(run_dir, name, record["rank"], pid)}
+            error = st.rank_lost(run_dir, name, record["rank"], f"process {pid}")
+            return {**record, "error": error}
     return None
 
 

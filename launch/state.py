@@ -263,10 +263,10 @@ def rank_ended(run_dir: Path | str, name: str, rank: int) -> None:
     write_rank(run_dir, name, rank, ended=time.time())
 
 
-def rank_lost(run_dir: Path | str, name: str, rank: int, pid: int) -> str:
-    """Recorded by the local driver for a rank process that ended without a word; returns the
-    error it recorded."""
-    why = f"RankLost: process {pid} ended without a result or an error (killed: out of memory?)"
+def rank_lost(run_dir: Path | str, name: str, rank: int, who: str) -> str:
+    """Recorded for a rank that ended without a word (``who``: "process 1234" locally, what srun
+    said on SLURM), by the local driver or the monitor; returns the error it recorded."""
+    why = f"RankLost: {who} ended without a result or an error (killed: out of memory?)"
     write_rank(run_dir, name, rank, error=why, failed_at=time.time())
     return why
 

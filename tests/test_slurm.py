@@ -172,9 +172,12 @@ def test_failing_stage_cancels_dependents_and_status_reports_it(
     wait_for_sacct(ids, "CANCELLED")
 
 
-def test_a_rank_killed_before_the_rendezvous_ends_the_job_at_once(slurm, tmp_path, manifest_path):
+def test_a_rank_killed_before_the_rendezvous_ends_the_job_at_once_and_is_named(
+    slurm, tmp_path, manifest_path
+):
     """Rank 1 killed while it starts: without ``srun --kill-on-bad-exit=1`` (this cluster does not
-    set KillOnBadExit) rank 0 would wait for it at the rendezvous until ``dist.timeout_s``."""
+    set KillOnBadExit) rank 0 would wait for it at the rendezvous until ``dist.timeout_s``. Rank
+    1 records nothing; srun's report in the job's log names it as the failure."""
     stages = {"s1": {"method": "cil", "stage": 1}}
     path = write_chain(tmp_path, manifest_path, stages, overrides=["dist.timeout_s=600"])
     run = tmp_path / "run"
@@ -189,6 +192,10 @@ def test_a_rank_killed_before_the_rendezvous_ends_the_job_at_once(slurm, tmp_pat
     os.kill(ranks[1]["pid"], signal.SIGKILL)
     final = wait_for_chain(run, poll_s=1, timeout_s=120)  # not after dist.timeout_s
     assert final.jobs["s1"].state == st.FAILED, final.jobs["s1"]
+    assert final.jobs["s1"].error.startswith(
+        f"rank 1: RankLost: task 1 on {ranks[1]['host']} (srun: Killed) ended without a result"
+    ), final.jobs["s1"].error
+    assert final.jobs["s1"].log == ranks[1]["log"]
 
 
 def test_invalid_chain_is_refused_before_any_job_is_queued(slurm, tmp_path, manifest_path):
