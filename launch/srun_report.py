@@ -22,6 +22,7 @@ TASK_ENDED = re.compile(
 )
 STEP_ENDING = re.compile(r"Terminating StepId|\*\*\* STEP \S+ ON \S+ CANCELLED")
 ATTEMPT_STARTED = "Starting with JobEnvironment"  # submitit's first line, in each attempt
+TAIL_BYTES = 1 << 20  # srun reports at the end of the log: a long run's training lines are skipped
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,10 @@ def first_ended(log_text: str) -> list[TaskEnded]:
 
 
 def read_first_ended(log: Path) -> list[TaskEnded]:
-    """:func:`first_ended` of the log file (none when it cannot be read)."""
+    """:func:`first_ended` of the log file's last ``TAIL_BYTES`` (none when it cannot be read)."""
     try:
-        return first_ended(log.read_text(errors="replace"))
+        with log.open("rb") as stream:
+            stream.seek(max(0, stream.seek(0, 2) - TAIL_BYTES))
+            return first_ended(stream.read().decode(errors="replace"))
     except OSError:
         return []

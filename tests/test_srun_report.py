@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from launch.srun_report import TaskEnded, first_ended, read_first_ended, task_numbers
+from launch.srun_report import (
+    TAIL_BYTES,
+    TaskEnded,
+    first_ended,
+    read_first_ended,
+    task_numbers,
+)
 
 # rank 1 of job 2 SIGKILLed on the test cluster (tests/test_slurm.py), as srun wrote it
 KILLED = """\
@@ -43,3 +49,12 @@ def test_a_missing_log_reports_nothing(tmp_path):
     assert read_first_ended(tmp_path / "9_0_log.out") == []
     (tmp_path / "9_0_log.out").write_text(KILLED)
     assert read_first_ended(tmp_path / "9_0_log.out") == [TaskEnded(1, "vm", "Killed")]
+
+
+def test_a_long_log_is_read_from_its_end(tmp_path):
+    """A long run's log: the report at its end is found in its last megabyte."""
+    training = "".join(f"epoch {i}: loss 0.5\n" for i in range(200_000))  # about 4 MB
+    log = tmp_path / "9_0_log.out"
+    log.write_text(KILLED.split("\n", 1)[0] + "\n" + training + KILLED.split("\n", 2)[2])
+    assert log.stat().st_size > 3 * TAIL_BYTES
+    assert read_first_ended(log) == [TaskEnded(1, "vm", "Killed")]
