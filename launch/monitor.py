@@ -115,9 +115,11 @@ def refresh(chain_state: st.ChainState) -> st.ChainState:
             held = raw in st.SLURM_STATES and merged in (st.PENDING, st.RUNNING)
             if status.get("state") == st.FAILED and not held:
                 merged = st.FAILED
+            newly_failed = merged == st.FAILED and record.state != st.FAILED
             record.state = merged
-            if merged == st.FAILED:
+            if newly_failed:  # the job has ended: srun's report in its log is complete
                 blame_lost_ranks(chain_state, record)
+            if merged == st.FAILED:
                 record_failure(chain_state, record, status, f"SLURM state {raw} (see its log)")
             elif merged == st.CANCELLED and not record.error:
                 record.error = f"SLURM state {raw}"
